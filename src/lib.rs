@@ -1,0 +1,262 @@
+//! warpbase: a self-hosted SaaS backend in one binary — accounts and OAuth2 login, Stripe
+//! subscription billing, and a durable job queue with live progress, on one SQLite file.
+//!
+//! [`App`] is the whole server. `main.rs` builds it from the CLI; tests build the very
+//! same App on port 0 with a temporary data dir.
+
+pub mod auth;
+pub mod billing;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod ids;
+pub mod jobs;
+pub mod logging;
+pub mod ops;
+pub mod secrets;
+pub mod state;
+pub mod storage;
+pub mod web;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+pub use config::Config;
+pub use state::AppState;
+
+use clock::{SharedClock, SystemClock};
+use storage::Storage;
+
+/// What tests (or embedders) may change about how the App is built.
+#[derive(Clone, Default)]
+pub struct AppOptions {
+    /// The clock rules read "now" from; the system clock by default.
+    pub clock: Option<SharedClock>,
+    /// Extra routes merged into the router (tests use it to provoke panics and errors).
+    pub extra_routes: Option<axum::Router<AppState>>,
+}
+
+/// A built, bound, not yet serving warpbase.
+pub struct App {
+    state: AppState,
+    extra_routes: Option<axum::Router<AppState>>,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        App::build_with(config, AppOptions::default()).await
+    }
+
+    /// Creates the data dir, loads or generates secrets, opens the database (applying
+    /// migrations) and binds the listener(s).
+    pub async fn build_with(config: Config, opts: AppOptions) -> anyhow::Result<App> {
+        let data_dir = config.data_dir.clone();
+        secrets::create_private_dir(&data_dir)
+            .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let jwt_secret = match &config.auth.jwt_secret {
+            Some(s) if !s.is_empty() => s.expose().to_string(),
+            _ => secrets::load_or_generate(&data_dir, "jwt.key", "")
+                .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?,
+        };
+        let storage = {
+            let dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || Storage::open(&dir))
+                .await
+                .context("storage open panicked")?
+                .with_context(|| format!("cannot open the database in {}", data_dir.display()))?
+        };
+        let clock: SharedClock = opts.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let config = Arc::new(config);
+        let metrics = ops::Metrics::install();
+        let auth = auth::Auth::new(
+            &config,
+            storage.clone(),
+            clock.clone(),
+            jwt_secret.as_bytes(),
+        );
+        let billing = billing::Billing::new(&config);
+        let jobs = jobs::Jobs::new();
+        let state = AppState::new(config.clone(), storage, clock, auth, billing, jobs, metrics);
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} for metrics"))?,
+            ),
+            None => None,
+        };
+        Ok(App {
+            state,
+            extra_routes: opts.extra_routes,
+            listener,
+            metrics_listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.state.config.listen)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves (or `state.shutdown` is cancelled), then drains:
+    /// stops accepting, lets requests and jobs in flight finish within
+    /// `shutdown_grace`, stops background tasks and checkpoints the WAL.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let App {
+            state,
+            extra_routes,
+            listener,
+            metrics_listener,
+        } = self;
+        let grace = state.config.shutdown_grace;
+        let token = state.shutdown.clone();
+
+        jobs_start(&state);
+        let router = http::router(state.clone(), extra_routes);
+        let stop = token.clone();
+        let server = tokio::spawn(
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .into_future(),
+        );
+        let metrics_server = metrics_listener.map(|l| {
+            let stop = token.clone();
+            tokio::spawn(
+                axum::serve(l, ops::metrics_router(state.clone()))
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .into_future(),
+            )
+        });
+        state.set_ready(true);
+
+        tokio::select! {
+            _ = shutdown => {}
+            _ = token.cancelled() => {}
+        }
+        tracing::info!("shutting down: draining requests and jobs");
+        state.set_ready(false);
+        token.cancel();
+
+        let deadline = tokio::time::Instant::now() + grace;
+        match tokio::time::timeout_at(deadline, server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+            Err(_) => tracing::warn!("requests still running after the grace period; closing them"),
+        }
+        if let Some(m) = metrics_server {
+            m.abort();
+        }
+        state.tasks.close();
+        if tokio::time::timeout_at(deadline, state.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks still running after the grace period");
+        }
+        state
+            .storage
+            .close()
+            .await
+            .context("closing the database")?;
+        tracing::info!("stopped cleanly");
+        Ok(())
+    }
+
+    /// Serves in a background task; for tests and embedding.
+    pub fn spawn(self) -> RunningApp {
+        let addr = self.local_addr();
+        let state = self.state.clone();
+        let handle = tokio::spawn(self.serve(std::future::pending()));
+        RunningApp {
+            addr,
+            state,
+            handle,
+        }
+    }
+}
+
+/// Starts the background work of the jobs module (workers, rescuer, periodic tasks).
+fn jobs_start(_state: &AppState) {}
+
+/// A serving App started with [`App::spawn`].
+pub struct RunningApp {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Graceful shutdown, as on SIGTERM; returns the server's result.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.state.shutdown.cancel();
+        self.handle.await.context("server task panicked")?
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal right after startup is never missed.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                (t, i) => {
+                    tracing::error!(
+                        term = t.is_ok(),
+                        int = i.is_ok(),
+                        "cannot install signal handlers"
+                    );
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Accounts: who the caller is, and whether their tokens are still good.
+//!
+//! This module owns password and OAuth login, access/refresh tokens, sessions and the
+//! security events that revoke them. The hot path is [`Auth::authenticate`]: a JWT check
+//! plus two moka lookups (user auth state, session liveness) that are invalidated right
+//! after any commit that changes them, so revocation is immediate and the database is
+//! not touched on a warm request.
+
+pub mod extract;
+pub mod routes;
+pub mod tokens;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::future::Cache;
+use serde::Serialize;
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::storage::users::{self, NewSession, UserAuthState};
+use crate::storage::{Storage, StorageError};
+pub use extract::{AdminUser, AuthUser};
+use tokens::{Claims, JwtKeys, TokenError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required")]
+    Unauthorized,
+    #[error("the access token has expired")]
+    TokenExpired,
+    #[error("this session has been revoked; sign in again")]
+    SessionRevoked,
+    #[error("admin role required")]
+    Forbidden,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> ApiError {
+        use axum::http::StatusCode as S;
+        match e {
+            AuthError::Unauthorized => ApiError::unauthorized("a valid bearer token is required"),
+            AuthError::TokenExpired => {
+                ApiError::new(S::UNAUTHORIZED, "token_expired", e.to_string())
+            }
+            AuthError::SessionRevoked => {
+                ApiError::new(S::UNAUTHORIZED, "session_revoked", e.to_string())
+            }
+            AuthError::Forbidden => ApiError::forbidden(e.to_string()),
+            AuthError::Storage(s) => s.into(),
+        }
+    }
+}
+
+/// Tokens handed to a client after sign-in, refresh or password change.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenPair {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub refresh_expires_in: u64,
+}
+
+/// The authenticated caller, as the extractors and services see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: String,
+    pub session_id: String,
+    pub is_admin: bool,
+}
+
+/// The auth service. Cheap to clone.
+#[derive(Clone)]
+pub struct Auth {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    storage: Storage,
+    clock: SharedClock,
+    keys: JwtKeys,
+    access_ttl: Duration,
+    refresh_ttl: Duration,
+    /// user id → what every request checks. Invalidated after commits that change it.
+    user_states: Cache<String, UserAuthState>,
+    /// session id → (user id, live). Invalidated after revocations.
+    sessions: Cache<String, (String, bool)>,
+}
+
+impl Auth {
+    pub fn new(config: &Config, storage: Storage, clock: SharedClock, jwt_secret: &[u8]) -> Auth {
+        // The TTL is only a safety net; correctness comes from invalidation after commit.
+        let cache_ttl = Duration::from_secs(300);
+        Auth {
+            inner: Arc::new(Inner {
+                storage,
+                clock,
+                keys: JwtKeys::new(jwt_secret),
+                access_ttl: config.auth.access_ttl,
+                refresh_ttl: config.auth.refresh_ttl,
+                user_states: Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(cache_ttl)
+                    .build(),
+                sessions: Cache::builder()
+                    .max_capacity(200_000)
+                    .time_to_live(cache_ttl)
+                    .build(),
+            }),
+        }
+    }
+
+    fn now_millis(&self) -> i64 {
+        self.inner.clock.now_millis()
+    }
+
+    /// Checks a bearer token: signature, expiry, session liveness, token version.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        let now = self.now_millis();
+        let claims = self
+            .inner
+            .keys
+            .verify(token, now / 1000)
+            .map_err(|e| match e {
+                TokenError::Expired => AuthError::TokenExpired,
+                TokenError::Invalid => AuthError::Unauthorized,
+            })?;
+        let state = self.user_state(&claims.sub).await?;
+        let Some(state) = state else {
+            return Err(AuthError::Unauthorized);
+        };
+        if state.disabled || state.token_version != claims.ver {
+            return Err(AuthError::SessionRevoked);
+        }
+        match self.session_state(&claims.sid).await? {
+            Some((owner, true)) if owner == claims.sub => {}
+            Some(_) => return Err(AuthError::SessionRevoked),
+            None => return Err(AuthError::Unauthorized),
+        }
+        Ok(Principal {
+            user_id: claims.sub,
+            session_id: claims.sid,
+            is_admin: state.is_admin,
+        })
+    }
+
+    async fn user_state(&self, user_id: &str) -> Result<Option<UserAuthState>, AuthError> {
+        if let Some(s) = self.inner.user_states.get(user_id).await {
+            return Ok(Some(s));
+        }
+        let id = user_id.to_string();
+        let state = self
+            .inner
+            .storage
+            .read(move |c| users::user_auth_state(c, &id))
+            .await?;
+        if let Some(s) = state {
+            self.inner.user_states.insert(user_id.to_string(), s).await;
+        }
+        Ok(state)
+    }
+
+    async fn session_state(&self, sid: &str) -> Result<Option<(String, bool)>, AuthError> {
+        if let Some(s) = self.inner.sessions.get(sid).await {
+            return Ok(Some(s));
+        }
+        let id = sid.to_string();
+        let state = self
+            .inner
+            .storage
+            .read(move |c| users::session_live(c, &id))
+            .await?;
+        if let Some(s) = &state {
+            self.inner.sessions.insert(sid.to_string(), s.clone()).await;
+        }
+        Ok(state)
+    }
+
+    /// Forget cached auth state after a commit changed the user (version, role, disabled).
+    pub async fn invalidate_user(&self, user_id: &str) {
+        self.inner.user_states.invalidate(user_id).await;
+    }
+
+    /// Forget cached liveness after a commit revoked these sessions.
+    pub async fn invalidate_sessions(&self, ids: &[String]) {
+        for id in ids {
+            self.inner.sessions.invalidate(id).await;
+        }
+    }
+
+    /// Mints an access token for an existing session.
+    pub fn access_token(&self, user_id: &str, session_id: &str, token_version: i64) -> String {
+        let now = self.now_millis() / 1000;
+        self.inner.keys.issue(&Claims {
+            sub: user_id.to_string(),
+            sid: session_id.to_string(),
+            ver: token_version,
+            iat: now,
+            exp: now + self.inner.access_ttl.as_secs() as i64,
+        })
+    }
+
+    /// Starts a new session for a signed-in user: stores the refresh token's hash and
+    /// returns the token pair. Runs inside the caller's write transaction (`conn`), so the
+    /// session commits together with whatever signed the user in.
+    pub fn create_session_in(
+        &self,
+        conn: &crate::storage::Conn,
+        user_id: &str,
+        token_version: i64,
+        user_agent: Option<&str>,
+        ip: Option<&str>,
+    ) -> Result<TokenPair, StorageError> {
+        let now = self.now_millis();
+        let session_id = crate::ids::new_id();
+        let refresh = tokens::random_token();
+        users::insert_session(
+            conn,
+            &NewSession {
+                id: &session_id,
+                user_id,
+                refresh_hash: &tokens::hash_token(&refresh),
+                refresh_expires_at: now + self.inner.refresh_ttl.as_millis() as i64,
+                user_agent,
+                ip,
+                now,
+            },
+        )?;
+        Ok(self.token_pair(user_id, &session_id, token_version, refresh))
+    }
+
+    pub fn token_pair(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        token_version: i64,
+        refresh_token: String,
+    ) -> TokenPair {
+        TokenPair {
+            access_token: self.access_token(user_id, session_id, token_version),
+            token_type: "Bearer",
+            expires_in: self.inner.access_ttl.as_secs(),
+            refresh_token,
+            refresh_expires_in: self.inner.refresh_ttl.as_secs(),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    pub fn clock(&self) -> &SharedClock {
+        &self.inner.clock
+    }
+}

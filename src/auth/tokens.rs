@@ -1,0 +1,165 @@
+//! Access tokens (JWT, HS256) and opaque refresh tokens.
+//!
+//! Access tokens are short-lived and stateless to verify; revocation is enforced by the
+//! extractor comparing `ver` and `sid` against the cached auth state. Refresh tokens are
+//! 256 random bits, shown to the client once and stored only as a SHA-256 hash.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// User id.
+    pub sub: String,
+    /// Session id.
+    pub sid: String,
+    /// The user's token_version when the token was issued.
+    pub ver: i64,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token is invalid")]
+    Invalid,
+}
+
+/// The HS256 key pair derived from the configured or generated secret.
+#[derive(Clone)]
+pub struct JwtKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl JwtKeys {
+    pub fn new(secret: &[u8]) -> JwtKeys {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Only HS256: a token claiming `none` or RS256 is rejected before any key is used.
+        validation.algorithms = vec![Algorithm::HS256];
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "sub", "iat"]);
+        JwtKeys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    pub fn issue(&self, claims: &Claims) -> String {
+        // Encoding HS256 with a valid key cannot fail for these plain claims.
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .unwrap_or_default()
+    }
+
+    /// Verifies signature, algorithm and expiry against `now_secs`.
+    pub fn verify(&self, token: &str, now_secs: i64) -> Result<Claims, TokenError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })?;
+        // jsonwebtoken checks `exp` against the system clock; also check the injected one
+        // so tests (and a clock that runs ahead) agree.
+        if data.claims.exp <= now_secs {
+            return Err(TokenError::Expired);
+        }
+        Ok(data.claims)
+    }
+}
+
+/// A new opaque token (refresh, one-time codes): 256 random bits, base64url.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// How opaque tokens are stored.
+pub fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(exp: i64) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            sid: "s1".into(),
+            ver: 0,
+            iat: exp - 900,
+            exp,
+        }
+    }
+
+    fn now() -> i64 {
+        crate::clock::now_millis() / 1000
+    }
+
+    #[test]
+    fn round_trip_and_expiry() {
+        let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef");
+        let c = claims(now() + 900);
+        let t = keys.issue(&c);
+        assert_eq!(keys.verify(&t, now()), Ok(c.clone()));
+        assert_eq!(keys.verify(&t, c.exp), Err(TokenError::Expired));
+        let old = keys.issue(&claims(now() - 10));
+        assert_eq!(keys.verify(&old, now()), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn rejects_other_keys_tampering_and_alg_none() {
+        let keys = JwtKeys::new(b"0123456789abcdef0123456789abcdef");
+        let other = JwtKeys::new(b"another-secret-another-secret-xx");
+        let t = other.issue(&claims(now() + 900));
+        assert_eq!(keys.verify(&t, now()), Err(TokenError::Invalid));
+
+        let good = keys.issue(&claims(now() + 900));
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let forged_payload = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&Claims {
+                sub: "admin".into(),
+                ..claims(now() + 900)
+            })
+            .expect("json"),
+        );
+        parts[1] = &forged_payload;
+        assert_eq!(
+            keys.verify(&parts.join("."), now()),
+            Err(TokenError::Invalid)
+        );
+
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let unsigned = format!(
+            "{none_header}.{}.",
+            good.split('.').nth(1).expect("payload")
+        );
+        assert_eq!(keys.verify(&unsigned, now()), Err(TokenError::Invalid));
+
+        let rs_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let mut rs = vec![rs_header.as_str()];
+        rs.extend(good.split('.').skip(1));
+        assert_eq!(keys.verify(&rs.join("."), now()), Err(TokenError::Invalid));
+        assert_eq!(keys.verify("garbage", now()), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn refresh_tokens_are_random_and_hashed() {
+        let a = random_token();
+        let b = random_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 43);
+        assert_eq!(hash_token(&a).len(), 32);
+        assert_eq!(hash_token(&a), hash_token(&a));
+    }
+}

@@ -1,0 +1,69 @@
+//! Billing: plans, the subscription state engine, Stripe webhooks and usage metering.
+//!
+//! Foundation stage: plans from config and the entitlement every other module asks for.
+//! The webhook pipeline, the state engine and the Stripe clients land on top of this.
+
+pub mod routes;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{Config, PlanConfig, PlanLimits};
+
+/// What a user may do right now.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entitlement {
+    pub plan: String,
+    pub status: &'static str,
+    #[serde(with = "crate::clock::serde_ms::option")]
+    pub current_period_end: Option<i64>,
+    pub cancel_at_period_end: bool,
+    #[serde(with = "crate::clock::serde_ms::option")]
+    pub grace_until: Option<i64>,
+    pub limits: PlanLimits,
+}
+
+#[derive(Clone)]
+pub struct Billing {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    plans: Vec<PlanConfig>,
+}
+
+impl Billing {
+    pub fn new(config: &Config) -> Billing {
+        Billing {
+            inner: Arc::new(Inner {
+                plans: config.plans(),
+            }),
+        }
+    }
+
+    pub fn plans(&self) -> &[PlanConfig] {
+        &self.inner.plans
+    }
+
+    pub fn free_limits(&self) -> PlanLimits {
+        self.inner
+            .plans
+            .iter()
+            .find(|p| p.id == "free")
+            .map(|p| p.limits)
+            .unwrap_or(PlanLimits::FREE)
+    }
+
+    /// The user's entitlement at this moment.
+    pub async fn entitlement(&self, _user_id: &str) -> Entitlement {
+        Entitlement {
+            plan: "free".into(),
+            status: "free",
+            current_period_end: None,
+            cancel_at_period_end: false,
+            grace_until: None,
+            limits: self.free_limits(),
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The command line: `warpbase [serve]`, `migrate`, `backup`, `restore`, `user`, `config`,
+//! `version`. Global flags work before or after the subcommand.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, Overrides};
+use crate::storage::{self, Storage};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warpbase",
+    version,
+    about = "A self-hosted SaaS backend in one binary"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct GlobalArgs {
+    /// Config file (default: ./warpbase.toml if present).
+    #[arg(long, global = true, env = "WARPBASE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (database, generated secrets, uploads).
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Log format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Copy the live database into PATH (consistent, safe while the server runs).
+    Backup {
+        path: PathBuf,
+        /// Replace PATH if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the database with the backup at PATH (server stopped; integrity-checked first).
+    Restore {
+        path: PathBuf,
+        /// Replace an existing database.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Manage users.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// List users.
+    List,
+    /// Make a user an admin.
+    Promote { email: String },
+    /// Disable a user: every session and token stops working.
+    Disable { email: String },
+    /// Re-enable a disabled user.
+    Enable { email: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the configuration and exit 0 if it is usable.
+    Check,
+    /// Print the effective configuration (secrets redacted).
+    Print,
+}
+
+/// Entry point used by `main.rs`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(g: &GlobalArgs) -> anyhow::Result<Config> {
+    let overrides = Overrides {
+        data_dir: g.data_dir.clone(),
+        listen: g.listen,
+        log_format: g.log_format.map(|f| match f {
+            LogFormatArg::Pretty => LogFormat::Pretty,
+            LogFormatArg::Json => LogFormat::Json,
+        }),
+    };
+    Ok(Config::load(g.config.as_deref(), &overrides)?)
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Version = command {
+        println!("warpbase {}", env!("CARGO_PKG_VERSION"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let config = load_config(&cli.global)?;
+    match command {
+        Command::Serve => {
+            crate::logging::init(config.log_format, &config.log_level);
+            serve(config)?;
+        }
+        Command::Migrate => {
+            let db = config.data_dir.join(storage::DB_FILE);
+            crate::secrets::create_private_dir(&config.data_dir)?;
+            let mut conn = storage::open_writer_conn(&db)?;
+            let ran = storage::migrate::apply(&mut conn)?;
+            println!(
+                "database {} at schema version {} ({ran} migration(s) applied)",
+                db.display(),
+                storage::migrate::current_version(&conn)?
+            );
+        }
+        Command::Backup { path, force } => backup(&config, &path, force)?,
+        Command::Restore { path, force } => restore(&config, &path, force)?,
+        Command::User(cmd) => user(&config, cmd)?,
+        Command::Config(ConfigCommand::Check) => {
+            println!(
+                "configuration ok (listen {}, data_dir {}, {} mode)",
+                config.listen,
+                config.data_dir.display(),
+                if config.stripe.offline() {
+                    "offline"
+                } else {
+                    "stripe"
+                }
+            );
+        }
+        Command::Config(ConfigCommand::Print) => print!("{}", config.to_redacted_toml()),
+        Command::Version => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = crate::shutdown_signal();
+        let app = crate::App::build(config).await?;
+        let state = app.state().clone();
+        let addr = app.local_addr();
+        tracing::info!(
+            "warpbase listening on http://{addr} (public URL {}, data in {}, {} mode)",
+            state.config.public_url,
+            state.config.data_dir.display(),
+            if state.config.stripe.offline() {
+                "offline"
+            } else {
+                "stripe"
+            },
+        );
+        if let Some(m) = app.metrics_addr() {
+            tracing::info!("metrics on http://{m}/metrics");
+        }
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let result = app.serve(shutdown).await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        result
+    })
+}
+
+fn backup(config: &Config, dest: &Path, force: bool) -> anyhow::Result<()> {
+    let src = config.data_dir.join(storage::DB_FILE);
+    if !src.exists() {
+        bail!("no database at {}", src.display());
+    }
+    if dest.exists() {
+        if !force {
+            bail!("{} exists; pass --force to replace it", dest.display());
+        }
+        std::fs::remove_file(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    }
+    // Write next to the destination and rename, so a failed backup never leaves a
+    // half-written file under the final name.
+    let tmp = dest.with_extension("partial");
+    let _ = std::fs::remove_file(&tmp);
+    storage::backup_file(&src, &tmp)
+        .with_context(|| format!("backup of {} failed", src.display()))?;
+    storage::integrity_check(&tmp).context("the backup failed its integrity check")?;
+    std::fs::rename(&tmp, dest)?;
+    println!("backed up {} to {}", src.display(), dest.display());
+    Ok(())
+}
+
+fn restore(config: &Config, backup: &Path, force: bool) -> anyhow::Result<()> {
+    if !backup.exists() {
+        bail!("no backup at {}", backup.display());
+    }
+    storage::integrity_check(backup)
+        .with_context(|| format!("{} is not a healthy SQLite database", backup.display()))?;
+    {
+        let conn = storage::Conn::open(backup)?;
+        let version = storage::migrate::current_version(&conn)?;
+        if version > storage::migrate::latest_version() {
+            bail!("the backup has schema version {version}, newer than this binary knows");
+        }
+    }
+    crate::secrets::create_private_dir(&config.data_dir)?;
+    let db = config.data_dir.join(storage::DB_FILE);
+    if db.exists() {
+        if !force {
+            bail!(
+                "{} exists; stop the server and pass --force to replace it",
+                db.display()
+            );
+        }
+        // Refuse while a server holds the database: it would keep writing to the old file.
+        let conn = storage::open_writer_conn(&db)?;
+        conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+            .context("the database is in use; stop the server before restoring")?;
+        drop(conn);
+    }
+    let tmp = config.data_dir.join("warpbase.db.restoring");
+    std::fs::copy(backup, &tmp)?;
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(
+            config
+                .data_dir
+                .join(format!("{}{suffix}", storage::DB_FILE)),
+        );
+    }
+    std::fs::rename(&tmp, &db)?;
+    let mut conn = storage::open_writer_conn(&db)?;
+    storage::migrate::apply(&mut conn)?;
+    println!("restored {} into {}", backup.display(), db.display());
+    Ok(())
+}
+
+fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let storage = {
+            let dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || Storage::open(&dir)).await??
+        };
+        let now = crate::clock::now_millis();
+        let result = match cmd {
+            UserCommand::List => {
+                let users = storage
+                    .read(|c| storage::users::list_users(c, None, 10_000))
+                    .await?;
+                println!("{:<34} {:<6} {:<9} EMAIL", "ID", "ROLE", "STATUS");
+                for u in users {
+                    println!(
+                        "{:<34} {:<6} {:<9} {}",
+                        u.id,
+                        u.role,
+                        if u.disabled { "disabled" } else { "active" },
+                        u.email
+                    );
+                }
+                Ok(())
+            }
+            UserCommand::Promote { email } => update_user(&storage, &email, move |c, id| {
+                storage::users::set_role(c, id, "admin", now)
+            })
+            .await
+            .map(|()| println!("{email} is now an admin")),
+            UserCommand::Disable { email } => update_user(&storage, &email, move |c, id| {
+                storage::users::set_disabled(c, id, true, now)
+            })
+            .await
+            .map(|()| println!("{email} is disabled; its sessions no longer work")),
+            UserCommand::Enable { email } => update_user(&storage, &email, move |c, id| {
+                storage::users::set_disabled(c, id, false, now)
+            })
+            .await
+            .map(|()| println!("{email} is enabled")),
+        };
+        storage.close().await?;
+        result
+    })
+}
+
+async fn update_user(
+    storage: &Storage,
+    email: &str,
+    f: impl FnOnce(&storage::Conn, &str) -> Result<bool, storage::StorageError> + Send + 'static,
+) -> anyhow::Result<()> {
+    let email = email.trim().to_lowercase();
+    let found = storage
+        .write(move |c| {
+            let Some(u) = storage::users::get_user_by_email(c, &email)? else {
+                return Ok(false);
+            };
+            f(c, &u.id)
+        })
+        .await?;
+    if !found {
+        bail!("no such user");
+    }
+    Ok(())
+}

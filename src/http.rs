@@ -1,0 +1,179 @@
+//! The HTTP stack: router assembly and the middleware every response passes through.
+//!
+//! Order (outermost first): request id → problem rendering → metrics → tracing →
+//! panic catching → timeout → compression → security headers → routes. The problem layer
+//! sits outside the panic and timeout layers so their bare responses become problem+json
+//! with the request id, like every other error.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole application router with its middleware.
+pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
+    let timeout = state.config.request_timeout;
+    let json_limit = state.config.max_json_bytes;
+    let metrics_inline = state.config.metrics_listen.is_none();
+    let mut app = Router::new()
+        .merge(crate::ops::router(metrics_inline))
+        .merge(crate::auth::routes::router())
+        .merge(crate::billing::routes::router())
+        .merge(crate::jobs::routes::router())
+        .merge(crate::web::router())
+        .merge(extra.unwrap_or_default())
+        .fallback(crate::web::fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(json_limit));
+    app = crate::web::security_headers(app);
+    app.layer(CompressionLayer::new())
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let id = req
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::from_fn(render_problems))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state)
+}
+
+fn panic_response(_err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // The panic message was already printed by the panic hook; it may hold internals.
+    ApiError::internal("handler panicked").into_response()
+}
+
+/// Renders every error response as problem+json carrying the request id.
+async fn render_problems(req: Request, next: Next) -> Response {
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    let error = match resp.extensions_mut().remove::<ApiError>() {
+        Some(e) => e,
+        None if status.is_client_error() || status.is_server_error() => {
+            if is_problem(&resp) {
+                return resp;
+            }
+            ApiError::from_status(status)
+        }
+        None => return resp,
+    };
+    if error.status.is_server_error() {
+        tracing::error!(request_id = %request_id, code = error.code, status = error.status.as_u16(), "request failed");
+    }
+    let body = serde_json::to_vec(&error.problem(&request_id)).unwrap_or_default();
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    Response::from_parts(parts, Body::from(body))
+}
+
+fn is_problem(resp: &Response) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/problem+json"))
+}
+
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// `axum::Json` with rejections reported as problems: 415 without a JSON content type,
+/// 400 for a syntax error, 422 for a well-formed body of the wrong shape, 413 too large.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+pub fn json_rejection(r: JsonRejection) -> ApiError {
+    match r {
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a body with Content-Type: application/json",
+        ),
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::bad_request(format!("invalid JSON: {}", e.body_text()))
+        }
+        JsonRejection::JsonDataError(e) => ApiError::invalid_input(e.body_text()),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::from_status(StatusCode::PAYLOAD_TOO_LARGE)
+        }
+        other => ApiError::bad_request(other.body_text()),
+    }
+}
+
+/// The client address from the connection, for sessions and rate limits.
+pub fn peer_addr(req_parts: &axum::http::request::Parts) -> Option<SocketAddr> {
+    req_parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}

@@ -1,0 +1,9 @@
+//! HTTP routes of jobs.
+
+use axum::Router;
+
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+}

@@ -1,0 +1,111 @@
+//! Operations endpoints: liveness, readiness and Prometheus metrics.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+/// Handle to the process-wide Prometheus recorder.
+#[derive(Clone)]
+pub struct Metrics(PrometheusHandle);
+
+impl Metrics {
+    /// The `metrics` facade is process-global by design; install the recorder once and
+    /// share it (tests run several Apps in one process).
+    pub fn install() -> Metrics {
+        static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+        Metrics(
+            HANDLE
+                .get_or_init(|| {
+                    let secs = [
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0,
+                    ];
+                    let sizes = [
+                        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+                    ];
+                    let builder = PrometheusBuilder::new()
+                        .set_buckets_for_metric(
+                            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                            &secs,
+                        )
+                        .and_then(|b| {
+                            b.set_buckets_for_metric(
+                                metrics_exporter_prometheus::Matcher::Full(
+                                    "db_write_batch_size".into(),
+                                ),
+                                &sizes,
+                            )
+                        })
+                        .unwrap_or_else(|_| PrometheusBuilder::new());
+                    let recorder = builder.build_recorder();
+                    let handle = recorder.handle();
+                    if metrics::set_global_recorder(recorder).is_err() {
+                        tracing::warn!("a metrics recorder was already installed");
+                    }
+                    handle
+                })
+                .clone(),
+        )
+    }
+
+    pub fn render(&self) -> String {
+        self.0.render()
+    }
+}
+
+pub fn router(with_metrics: bool) -> Router<AppState> {
+    let r = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        r.route("/metrics", get(metrics_text))
+    } else {
+        r
+    }
+}
+
+/// A router with only `/metrics`, for `metrics_listen`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// 200 when migrations are applied and the writer commits; 503 otherwise.
+async fn readyz(State(state): State<AppState>) -> Response {
+    if !state.is_ready() {
+        return ApiError::unavailable("starting up or shutting down").into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(2), state.storage.ping_writer()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: writer failed");
+            ApiError::unavailable("the database is not writable").into_response()
+        }
+        Err(_) => ApiError::unavailable("the database writer is not answering").into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}

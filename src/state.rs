@@ -1,0 +1,69 @@
+//! `AppState`: everything a handler or background task needs, passed explicitly.
+//! Cheap to clone (handles and `Arc`s inside); no globals.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::billing::Billing;
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::jobs::Jobs;
+use crate::storage::Storage;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub storage: Storage,
+    pub clock: SharedClock,
+    pub auth: Auth,
+    pub billing: Billing,
+    pub jobs: Jobs,
+    /// Cancelled when the process starts shutting down: streams end, workers stop claiming.
+    pub shutdown: CancellationToken,
+    /// Every background task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    pub metrics: crate::ops::Metrics,
+    ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Arc<Config>,
+        storage: Storage,
+        clock: SharedClock,
+        auth: Auth,
+        billing: Billing,
+        jobs: Jobs,
+        metrics: crate::ops::Metrics,
+    ) -> AppState {
+        AppState {
+            config,
+            storage,
+            clock,
+            auth,
+            billing,
+            jobs,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn now_millis(&self) -> i64 {
+        self.clock.now_millis()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.shutdown.is_cancelled()
+    }
+
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+}

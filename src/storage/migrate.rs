@@ -1,0 +1,51 @@
+//! Forward-only, transactional schema migrations embedded at build time.
+//!
+//! `PRAGMA user_version` holds the number of applied migrations; each migration runs in
+//! its own transaction together with the bump, so a crash leaves the schema either before
+//! or after it, never halfway. A database from a newer binary is refused, not guessed at.
+
+use rusqlite::{Connection, TransactionBehavior};
+
+use super::StorageError;
+
+/// Every migration, in order. Append only; never edit one that has shipped.
+pub const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_foundation",
+    include_str!("../../migrations/0001_foundation.sql"),
+)];
+
+/// The schema version this binary writes.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.len() as i64
+}
+
+pub fn current_version(conn: &Connection) -> Result<i64, StorageError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+/// Applies every pending migration; returns how many ran.
+pub fn apply(conn: &mut Connection) -> Result<usize, StorageError> {
+    let found = current_version(conn)?;
+    let known = latest_version();
+    if found > known {
+        return Err(StorageError::SchemaTooNew { found, known });
+    }
+    let mut ran = 0;
+    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = index as i64 + 1;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql).map_err(|e| StorageError::Migration {
+            name: (*name).to_string(),
+            message: e.to_string(),
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![version, name, crate::clock::now_millis()],
+        )?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+        tracing::info!(migration = name, "applied migration");
+        ran += 1;
+    }
+    Ok(ran)
+}

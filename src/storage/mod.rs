@@ -1,0 +1,282 @@
+//! Storage: the only module that imports rusqlite.
+//!
+//! One SQLite file in WAL mode. Reads go through an r2d2 pool of read-only connections
+//! inside `spawn_blocking`; writes go through the single [`Writer`] thread (group commit).
+//! Services never write SQL: they call the typed functions of the submodules, composing
+//! several in one `write` closure when they must commit together.
+
+pub mod jobs;
+pub mod migrate;
+pub mod users;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::OpenFlags;
+
+pub use rusqlite::Connection as Conn;
+pub use writer::{Writer, WriterStats};
+
+/// The file name of the database inside the data dir.
+pub const DB_FILE: &str = "warpbase.db";
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What went wrong in storage. `Clone` because one commit error answers a whole batch.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error ({kind:?}): {message}")]
+    Sqlite { kind: SqliteKind, message: String },
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("a write closure panicked")]
+    Panicked,
+    #[error("the write transaction was aborted by SQLite")]
+    Aborted,
+    #[error(
+        "database schema version {found} is newer than this binary knows ({known}); upgrade warpbase"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("migration {name} failed: {message}")]
+    Migration { name: String, message: String },
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// The SQLite failures callers branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqliteKind {
+    /// UNIQUE / PRIMARY KEY violation.
+    Unique,
+    /// Other constraint (CHECK, FOREIGN KEY, NOT NULL).
+    Constraint,
+    /// Disk full, read-only file, I/O error, busy: the database cannot take writes now.
+    Unavailable,
+    Other,
+}
+
+impl StorageError {
+    pub fn is_unique_violation(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Sqlite {
+                kind: SqliteKind::Unique,
+                ..
+            }
+        )
+    }
+
+    /// True when the failure is about the environment (disk, permissions), not the request.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StorageError::Sqlite {
+                kind: SqliteKind::Unavailable,
+                ..
+            } | StorageError::WriterGone
+                | StorageError::Pool(_)
+                | StorageError::Aborted
+        )
+    }
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ffi::ErrorCode as C;
+        let kind = match &e {
+            rusqlite::Error::SqliteFailure(f, _) => match f.code {
+                C::ConstraintViolation => match f.extended_code {
+                    rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                    | rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY => SqliteKind::Unique,
+                    _ => SqliteKind::Constraint,
+                },
+                C::DiskFull
+                | C::ReadOnly
+                | C::SystemIoFailure
+                | C::CannotOpen
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::PermissionDenied => SqliteKind::Unavailable,
+                _ => SqliteKind::Other,
+            },
+            _ => SqliteKind::Other,
+        };
+        StorageError::Sqlite {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<r2d2::Error> for StorageError {
+    fn from(e: r2d2::Error) -> Self {
+        StorageError::Pool(e.to_string())
+    }
+}
+
+/// Handle to the database. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    readers: r2d2::Pool<SqliteConnectionManager>,
+    writer: Writer,
+    writer_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Storage {
+    /// Opens (creating if needed) `data_dir/warpbase.db`, applies pending migrations and
+    /// starts the writer thread. Blocking: call from `spawn_blocking` or at startup.
+    pub fn open(data_dir: &Path) -> Result<Storage, StorageError> {
+        let path = data_dir.join(DB_FILE);
+        let mut conn = open_writer_conn(&path)?;
+        migrate::apply(&mut conn)?;
+        let (writer, handle) = Writer::spawn(conn).map_err(|e| StorageError::Sqlite {
+            kind: SqliteKind::Unavailable,
+            message: format!("cannot start writer thread: {e}"),
+        })?;
+        let manager = SqliteConnectionManager::file(&path)
+            .with_flags(
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_URI
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .with_init(|c| {
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                c.execute_batch("PRAGMA query_only=ON; PRAGMA foreign_keys=ON;")
+            });
+        let size = std::thread::available_parallelism()
+            .map(|n| n.get() as u32 * 2)
+            .unwrap_or(4)
+            .max(4);
+        let readers = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)?;
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                path,
+                readers,
+                writer,
+                writer_thread: std::sync::Mutex::new(Some(handle)),
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` with a pooled read-only connection on the blocking pool.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Conn) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+    {
+        let pool = self.inner.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get().map_err(StorageError::from)?;
+            f(&conn)
+        })
+        .await
+        .unwrap_or_else(|_| Err(E::from(StorageError::Panicked)))
+    }
+
+    /// Runs `f` in the writer's next batch; resolves after the durable commit.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Conn) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StorageError> + Send + 'static,
+    {
+        self.inner.writer.write(f).await
+    }
+
+    pub fn writer_stats(&self) -> WriterStats {
+        self.inner.writer.stats()
+    }
+
+    /// True if an (empty) write transaction commits: the readiness probe.
+    pub async fn ping_writer(&self) -> Result<(), StorageError> {
+        self.write(|c| {
+            c.execute_batch("SELECT 1")?;
+            Ok::<_, StorageError>(())
+        })
+        .await
+    }
+
+    /// Finishes queued writes, checkpoints the WAL and stops the writer thread.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        let result = self.inner.writer.close().await;
+        let handle = self
+            .inner
+            .writer_thread
+            .lock()
+            .ok()
+            .and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        result
+    }
+
+    /// A consistent copy of the live database into `dest` (`VACUUM INTO`), safe while
+    /// serving: it reads one snapshot through a read connection.
+    pub async fn backup_to(&self, dest: PathBuf) -> Result<(), StorageError> {
+        let src = self.inner.path.clone();
+        tokio::task::spawn_blocking(move || backup_file(&src, &dest))
+            .await
+            .unwrap_or(Err(StorageError::Panicked))
+    }
+}
+
+/// Opens the read-write connection with the durability settings of the house.
+pub fn open_writer_conn(path: &Path) -> Result<Conn, StorageError> {
+    let conn = Conn::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
+    conn.execute_batch(
+        "PRAGMA synchronous=FULL;
+         PRAGMA foreign_keys=ON;
+         PRAGMA temp_store=MEMORY;
+         PRAGMA wal_autocheckpoint=4000;",
+    )?;
+    Ok(conn)
+}
+
+/// Copies the database at `src` into a new file `dest` from one consistent snapshot.
+pub fn backup_file(src: &Path, dest: &Path) -> Result<(), StorageError> {
+    let conn = Conn::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let dest = dest.to_string_lossy().to_string();
+    conn.execute("VACUUM INTO ?1", [dest])?;
+    Ok(())
+}
+
+/// `PRAGMA integrity_check` on a database file; `Ok(())` only if SQLite answers "ok".
+pub fn integrity_check(path: &Path) -> Result<(), StorageError> {
+    let conn = Conn::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let result: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if result == "ok" {
+        Ok(())
+    } else {
+        Err(StorageError::Corrupt(result))
+    }
+}
+
+/// Milliseconds since the Unix epoch: how the schema stores time.
+pub type Millis = i64;

@@ -1,0 +1,292 @@
+//! The test harness: the real App on port 0 with a temp data dir, plus the built binary as
+//! a child process for crash tests. Every helper polls with a deadline; nothing sleeps.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tempfile::TempDir;
+use warpbase::{App, AppOptions, AppState, Config, RunningApp};
+
+pub struct TestApp {
+    pub app: RunningApp,
+    pub client: reqwest::Client,
+    pub dir: TempDir,
+}
+
+/// A config for tests: loopback port 0, the given data dir, no config file, no env.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut config = Config::load_from(
+        None,
+        &warpbase::config::Overrides::default(),
+        std::iter::empty(),
+    )
+    .expect("default config");
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.data_dir = data_dir.to_path_buf();
+    config.shutdown_grace = Duration::from_secs(5);
+    config
+}
+
+impl TestApp {
+    pub async fn start() -> TestApp {
+        TestApp::start_with(|_| {}, AppOptions::default()).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config), opts: AppOptions) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = test_config(dir.path());
+        configure(&mut config);
+        let app = App::build_with(config, opts).await.expect("app builds");
+        let addr = app.local_addr();
+        // Redirects and links must point at the real port.
+        let _ = addr;
+        let app = app.spawn();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let t = TestApp { app, client, dir };
+        t.wait_ready().await;
+        t
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.app.state
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        self.app.url(path)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "app did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Creates a user with a live session directly through the services (no HTTP), for
+    /// tests of other modules that just need a signed-in caller.
+    pub async fn create_user(&self, email: &str) -> TestUser {
+        let state = self.state().clone();
+        let auth = state.auth.clone();
+        let email = email.to_string();
+        let now = state.now_millis();
+        let (id, pair, role) = state
+            .storage
+            .write(move |c| {
+                let id = warpbase::ids::new_id();
+                let row = warpbase::storage::users::insert_user(
+                    c,
+                    &warpbase::storage::users::NewUser {
+                        id: &id,
+                        email: &email,
+                        email_verified: true,
+                        name: None,
+                        password_hash: None,
+                        role: None,
+                        now,
+                    },
+                )?;
+                let pair =
+                    auth.create_session_in(c, &row.id, row.token_version, Some("test"), None)?;
+                Ok::<_, warpbase::storage::StorageError>((row.id, pair, row.role))
+            })
+            .await
+            .expect("create user");
+        TestUser {
+            id,
+            access_token: pair.access_token,
+            refresh_token: pair.refresh_token,
+            is_admin: role == "admin",
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.app.shutdown().await.expect("clean shutdown");
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub id: String,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub is_admin: bool,
+}
+
+/// Asserts a problem+json response with the given status and code; returns the body.
+pub async fn expect_problem(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(resp.status().as_u16(), status, "status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let rid = resp
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body: Value = resp.json().await.expect("problem body is JSON");
+    assert_eq!(ct, "application/problem+json", "content type of {body}");
+    assert_eq!(body["code"], code, "code of {body}");
+    assert_eq!(body["status"], status, "status member of {body}");
+    assert!(!rid.is_empty(), "x-request-id header");
+    assert_eq!(
+        body["request_id"],
+        rid.as_str(),
+        "request_id matches header"
+    );
+    body
+}
+
+/// Polls `f` until it returns Some, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The built `warpbase` binary run as a child process (for kill -9 and signal tests).
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    lines: mpsc::Receiver<String>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_warpbase")
+}
+
+impl ChildServer {
+    /// Starts `warpbase serve` on port 0 and waits for its "listening" log line.
+    pub fn start(data_dir: &Path, extra_args: &[&str], env: &[(&str, &str)]) -> ChildServer {
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(extra_args)
+            .current_dir(data_dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn warpbase");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    // Receiver gone: keep reading and discard.
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("warpbase did not log its address in time"));
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                break addr.parse().expect("address in log line");
+            }
+        };
+        ChildServer {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            lines: rx,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill -9");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status (bounded).
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("warpbase did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Log lines printed so far.
+    pub fn drain_logs(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+}
