@@ -55,7 +55,8 @@ CREATE TABLE jobs (
     result          TEXT,                                    -- JSON
     error           TEXT,
     attempt         INTEGER NOT NULL DEFAULT 0,              -- attempts started so far
-    max_attempts    INTEGER NOT NULL,                        -- budget; a retry from the DLQ extends it
+    max_attempts    INTEGER NOT NULL,                        -- cap on `attempt`; a retry from the DLQ raises it
+    budget          INTEGER NOT NULL,                        -- attempts granted per (re)submission
     run_at          INTEGER NOT NULL,
     lease_until     INTEGER,
     worker          TEXT,
@@ -69,12 +70,34 @@ CREATE TABLE jobs (
     finished_at     INTEGER,
     updated_at      INTEGER NOT NULL
 );
--- Claiming: runnable jobs of a queue by priority then run_at.
-CREATE INDEX jobs_claim ON jobs(queue, status, priority DESC, run_at)
+-- Claiming: runnable jobs of a queue in claim order (priority, then run_at).
+CREATE INDEX jobs_claim ON jobs(queue, priority DESC, run_at)
     WHERE status IN ('queued', 'retrying');
 -- The rescuer: running jobs by lease.
 CREATE INDEX jobs_lease ON jobs(lease_until) WHERE status = 'running';
-CREATE INDEX jobs_user ON jobs(user_id, created_at);
+CREATE INDEX jobs_user ON jobs(user_id, id);
+CREATE INDEX jobs_user_active ON jobs(user_id) WHERE status IN ('queued', 'running', 'retrying');
 CREATE INDEX jobs_status ON jobs(status, finished_at);
 CREATE UNIQUE INDEX jobs_idempotency ON jobs(user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
+
+-- One row per finished attempt: the history kept for the dead-letter queue.
+CREATE TABLE job_attempts (
+    job_id      TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,   -- succeeded | retry | dead | canceled | timeout | interrupted
+    error       TEXT,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+
+-- Archives uploaded for the `analyze` kind; the bytes live in data_dir/uploads/<id>.
+CREATE TABLE uploads (
+    id         TEXT PRIMARY KEY,
+    user_id    TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    size       INTEGER NOT NULL,
+    sha256     TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX uploads_user ON uploads(user_id, created_at);

@@ -171,25 +171,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let shutdown = crate::shutdown_signal();
         let app = crate::App::build(config).await?;
-        let state = app.state().clone();
-        let addr = app.local_addr();
-        tracing::info!(
-            "warpbase listening on http://{addr} (public URL {}, data in {}, {} mode)",
-            state.config.public_url,
-            state.config.data_dir.display(),
-            if state.config.stripe.offline() {
-                "offline"
-            } else {
-                "stripe"
-            },
-        );
         if let Some(m) = app.metrics_addr() {
             tracing::info!("metrics on http://{m}/metrics");
         }
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        let result = app.serve(shutdown).await;
-        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-        result
+        app.serve(shutdown).await
     })
 }
 

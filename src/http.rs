@@ -177,3 +177,36 @@ pub fn peer_addr(req_parts: &axum::http::request::Parts) -> Option<SocketAddr> {
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
 }
+
+/// `axum::extract::Query` with rejections reported as 400 `invalid_input` problems.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Query<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|e| ApiError::bad_request(e.body_text()))
+    }
+}
+
+/// `?limit=` for lists: default 50, at most 100.
+pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(50),
+        Some(n) if (1..=100).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_request(format!(
+            "limit must be between 1 and 100, got {n}"
+        ))),
+    }
+}

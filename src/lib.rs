@@ -40,6 +40,8 @@ pub struct AppOptions {
     pub clock: Option<SharedClock>,
     /// Extra routes merged into the router (tests use it to provoke panics and errors).
     pub extra_routes: Option<axum::Router<AppState>>,
+    /// Extra job kinds (tests register handlers that count their side effects).
+    pub extra_kinds: Vec<jobs::KindSpec>,
 }
 
 /// A built, bound, not yet serving warpbase.
@@ -47,6 +49,7 @@ pub struct App {
     state: AppState,
     extra_routes: Option<axum::Router<AppState>>,
     listener: TcpListener,
+    _lock: storage::InstanceLock,
     metrics_listener: Option<TcpListener>,
 }
 
@@ -61,6 +64,7 @@ impl App {
         let data_dir = config.data_dir.clone();
         secrets::create_private_dir(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+        let lock = storage::InstanceLock::acquire(&data_dir).map_err(anyhow::Error::msg)?;
         let jwt_secret = match &config.auth.jwt_secret {
             Some(s) if !s.is_empty() => s.expose().to_string(),
             _ => secrets::load_or_generate(&data_dir, "jwt.key", "")
@@ -83,7 +87,7 @@ impl App {
             jwt_secret.as_bytes(),
         );
         let billing = billing::Billing::new(&config);
-        let jobs = jobs::Jobs::new();
+        let jobs = jobs::Jobs::new(&config, opts.extra_kinds);
         let state = AppState::new(config.clone(), storage, clock, auth, billing, jobs, metrics);
         let listener = TcpListener::bind(config.listen)
             .await
@@ -100,6 +104,7 @@ impl App {
             state,
             extra_routes: opts.extra_routes,
             listener,
+            _lock: lock,
             metrics_listener,
         })
     }
@@ -132,11 +137,13 @@ impl App {
             extra_routes,
             listener,
             metrics_listener,
+            _lock,
         } = self;
         let grace = state.config.shutdown_grace;
         let token = state.shutdown.clone();
+        let addr = listener.local_addr()?;
 
-        jobs_start(&state);
+        jobs::worker::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
         let server = tokio::spawn(
@@ -156,12 +163,25 @@ impl App {
             )
         });
         state.set_ready(true);
+        // Logged only once ready: tests and operators wait for this line.
+        tracing::info!(
+            "warpbase listening on http://{addr} (public URL {}, data in {}, {} mode)",
+            state.config.public_url,
+            state.config.data_dir.display(),
+            if state.config.stripe.offline() {
+                "offline"
+            } else {
+                "stripe"
+            },
+        );
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
         tokio::select! {
             _ = shutdown => {}
             _ = token.cancelled() => {}
         }
         tracing::info!("shutting down: draining requests and jobs");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         state.set_ready(false);
         token.cancel();
 
@@ -203,9 +223,6 @@ impl App {
         }
     }
 }
-
-/// Starts the background work of the jobs module (workers, rescuer, periodic tasks).
-fn jobs_start(_state: &AppState) {}
 
 /// A serving App started with [`App::spawn`].
 pub struct RunningApp {

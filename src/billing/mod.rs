@@ -22,6 +22,9 @@ pub struct Entitlement {
     #[serde(with = "crate::clock::serde_ms::option")]
     pub grace_until: Option<i64>,
     pub limits: PlanLimits,
+    /// Start of the current quota period (ms).
+    #[serde(skip)]
+    pub period_start: i64,
 }
 
 #[derive(Clone)]
@@ -55,6 +58,19 @@ impl Billing {
             .unwrap_or(PlanLimits::FREE)
     }
 
+    /// Called inside the transaction that marks a billable job succeeded: on a metered
+    /// plan this enqueues the usage report (a job, idempotent by the job id).
+    pub fn record_usage_in(
+        &self,
+        _conn: &crate::storage::Conn,
+        _user_id: &str,
+        _job_id: &str,
+        _now: i64,
+    ) -> Result<(), crate::storage::StorageError> {
+        // No plan is metered until subscriptions exist; see billing::usage.
+        Ok(())
+    }
+
     /// The user's entitlement at this moment.
     pub async fn entitlement(&self, _user_id: &str) -> Entitlement {
         Entitlement {
@@ -64,6 +80,21 @@ impl Billing {
             cancel_at_period_end: false,
             grace_until: None,
             limits: self.free_limits(),
+            period_start: month_start(crate::clock::now_millis()),
         }
     }
+}
+
+/// The first millisecond of the UTC calendar month containing `ms`: the quota period of
+/// users without a paid subscription.
+pub fn month_start(ms: i64) -> i64 {
+    let t = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let first = t
+        .date()
+        .replace_day(1)
+        .unwrap_or(t.date())
+        .midnight()
+        .assume_utc();
+    first.unix_timestamp() * 1000
 }

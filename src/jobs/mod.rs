@@ -1,36 +1,254 @@
 //! Jobs: the durable queue, its workers, retries, the dead-letter queue and live progress.
 //!
-//! Foundation stage: the handle other modules use to wake the workers after they enqueue
-//! a job inside their own write transaction (`storage::jobs::insert_job`).
+//! The `jobs` table is the queue (see `storage::jobs`). Each configured queue has a
+//! dispatcher that claims runnable jobs in one `UPDATE … RETURNING` when it has free
+//! slots, woken at once by enqueues in this process and by a timer as a fallback. Every
+//! claimed job runs under a lease that a heartbeat extends; a crashed process's jobs are
+//! re-queued by the rescuer, fenced by attempt number so no job runs twice at once.
+//! Handlers are registered per kind and report progress to the [`hub::Hub`], which feeds
+//! the SSE streams.
 
+pub mod backoff;
+pub mod demo;
+pub mod hub;
+pub mod kinds;
+pub mod queue;
 pub mod routes;
+pub mod sse;
+pub mod worker;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+use serde_json::Value;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-#[derive(Clone, Default)]
+use crate::auth::Principal;
+use crate::config::Config;
+use crate::state::AppState;
+use hub::{Hub, JobEventKind};
+
+/// How an attempt failed. The worker maps each the same way for every kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobFailure {
+    /// Try again later (with backoff) while attempts remain.
+    #[error("{0}")]
+    Retryable(String),
+    /// Never going to work: straight to the dead-letter queue.
+    #[error("{0}")]
+    Permanent(String),
+    #[error("canceled")]
+    Canceled,
+    #[error("the attempt timed out")]
+    Timeout,
+}
+
+impl JobFailure {
+    /// Whether another attempt may succeed (the worker still checks `max_attempts`).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JobFailure::Retryable(_) | JobFailure::Timeout)
+    }
+}
+
+/// What a handler gets for one attempt.
+pub struct JobContext {
+    pub state: AppState,
+    pub job_id: String,
+    pub user_id: Option<String>,
+    pub kind: String,
+    pub attempt: u32,
+    pub payload: Value,
+    /// Cancelled when the job is canceled or its attempt times out.
+    pub cancel: CancellationToken,
+    pub progress: Progress,
+}
+
+/// A job kind's implementation.
+pub trait Handler: Send + Sync + 'static {
+    /// Checks a payload at submission; the message becomes a 422 `invalid_input`.
+    fn validate<'a>(
+        &'a self,
+        _state: &'a AppState,
+        _user_id: &'a str,
+        _payload: &'a Value,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Runs one attempt. Returns the result JSON or how it failed.
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobFailure>>;
+}
+
+/// A registered kind.
+#[derive(Clone)]
+pub struct KindSpec {
+    pub name: String,
+    pub queue: String,
+    pub handler: Arc<dyn Handler>,
+    /// Users may submit it through the API (internal kinds: mail, usage reports, no).
+    pub public: bool,
+    /// Counts toward plan quotas and usage metering.
+    pub billable: bool,
+    pub timeout: Option<Duration>,
+    pub max_attempts: Option<u32>,
+}
+
+/// Reports progress of one attempt: to live subscribers at once, to the database at most
+/// once a second (the worker persists the latest value).
+#[derive(Clone)]
+pub struct Progress {
+    hub: Hub,
+    job_id: String,
+    user_id: Option<String>,
+    latest: Arc<Mutex<Option<(u8, String)>>>,
+}
+
+impl Progress {
+    pub fn report(&self, pct: u8, message: impl Into<String>) {
+        let pct = pct.min(100);
+        let message = message.into();
+        if let Ok(mut l) = self.latest.lock() {
+            *l = Some((pct, message.clone()));
+        }
+        self.hub.publish(
+            &self.job_id,
+            self.user_id.as_deref(),
+            JobEventKind::Progress {
+                id: self.job_id.clone(),
+                pct,
+                message,
+            },
+        );
+    }
+
+    /// Takes the latest unsaved report.
+    fn take_latest(&self) -> Option<(u8, String)> {
+        self.latest.lock().ok().and_then(|mut l| l.take())
+    }
+}
+
+struct Running {
+    cancel: CancellationToken,
+}
+
+#[derive(Clone)]
 pub struct Jobs {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    wake: Notify,
+    wake: HashMap<String, Arc<Notify>>,
+    hub: Hub,
+    kinds: HashMap<String, KindSpec>,
+    running: Mutex<HashMap<String, Running>>,
+    tickets: moka::sync::Cache<String, Principal>,
+    worker_id: String,
 }
 
 impl Jobs {
-    pub fn new() -> Jobs {
-        Jobs::default()
+    /// Builds the registry from the built-in kinds, config-defined command kinds and the
+    /// kinds other modules contribute (`extra`).
+    pub fn new(config: &Config, extra: Vec<KindSpec>) -> Jobs {
+        let wake = config
+            .jobs
+            .queues
+            .keys()
+            .map(|q| (q.clone(), Arc::new(Notify::new())))
+            .collect();
+        let mut kinds = HashMap::new();
+        for spec in kinds::builtin(config).into_iter().chain(extra) {
+            kinds.insert(spec.name.clone(), spec);
+        }
+        // Config may move any kind to another queue or change its limits.
+        for (name, k) in &config.jobs.kinds {
+            if let Some(spec) = kinds.get_mut(name) {
+                if let Some(q) = &k.queue {
+                    spec.queue = q.clone();
+                }
+                spec.timeout = k.timeout.or(spec.timeout);
+                spec.max_attempts = k.max_attempts.or(spec.max_attempts);
+            }
+        }
+        Jobs {
+            inner: Arc::new(Inner {
+                wake,
+                hub: Hub::default(),
+                kinds,
+                running: Mutex::new(HashMap::new()),
+                tickets: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(60))
+                    .build(),
+                worker_id: crate::ids::new_id(),
+            }),
+        }
     }
 
-    /// Tells idle workers that a job was committed; call after the enqueueing write returns.
-    pub fn notify(&self) {
-        self.inner.wake.notify_waiters();
+    /// Wakes the dispatcher of `queue`; call after the enqueueing write committed.
+    /// The permit is stored if the dispatcher is busy, so a wake-up is never lost.
+    pub fn notify(&self, queue: &str) {
+        if let Some(n) = self.inner.wake.get(queue) {
+            n.notify_one();
+        }
     }
 
-    /// Resolves at the next [`Jobs::notify`].
-    pub async fn woken(&self) {
-        self.inner.wake.notified().await
+    pub fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    pub fn kind(&self, name: &str) -> Option<&KindSpec> {
+        self.inner.kinds.get(name)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &KindSpec> {
+        self.inner.kinds.values()
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.inner.worker_id
+    }
+
+    fn wake_handle(&self, queue: &str) -> Option<Arc<Notify>> {
+        self.inner.wake.get(queue).cloned()
+    }
+
+    /// Signals the attempt running `job_id` in this process to stop; true if there was one.
+    pub fn signal_cancel(&self, job_id: &str) -> bool {
+        self.inner
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(job_id).map(|j| j.cancel.cancel()))
+            .is_some()
+    }
+
+    fn is_running_here(&self, job_id: &str) -> bool {
+        self.inner
+            .running
+            .lock()
+            .map(|r| r.contains_key(job_id))
+            .unwrap_or(false)
+    }
+
+    fn running_ids(&self) -> Vec<String> {
+        self.inner
+            .running
+            .lock()
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A single-use, 60-second ticket that authenticates one `EventSource` connection.
+    pub fn issue_ticket(&self, principal: Principal) -> String {
+        let ticket = crate::auth::tokens::random_token();
+        self.inner.tickets.insert(ticket.clone(), principal);
+        ticket
+    }
+
+    pub fn redeem_ticket(&self, ticket: &str) -> Option<Principal> {
+        self.inner.tickets.remove(ticket)
     }
 }

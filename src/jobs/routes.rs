@@ -1,9 +1,390 @@
-//! HTTP routes of jobs.
+//! HTTP routes of jobs: submit, list, read, cancel, retry, SSE, tickets, uploads, and the
+//! admin dead-letter queue.
 
 use axum::Router;
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 
+use super::queue::{self, JobError, JobView, SubmitRequest, Submitted};
+use super::sse;
+use crate::auth::extract::bearer;
+use crate::auth::{AdminUser, AuthError, AuthUser, Principal};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
+use crate::storage::jobs::{self as q, UploadRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/api/v1/jobs", post(submit).get(list))
+        .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/jobs/{id}/attempts", get(attempts))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/jobs/{id}/retry", post(retry))
+        .route("/api/v1/jobs/{id}/events", get(job_events))
+        .route("/api/v1/events", get(user_events))
+        .route("/api/v1/events/ticket", post(ticket))
+        .route("/api/v1/admin/jobs/dead", get(dead_letters))
+        .route("/api/v1/admin/jobs/{id}", delete(discard))
+        .route(
+            "/api/v1/uploads",
+            post(upload).layer(DefaultBodyLimit::disable()),
+        )
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    headers: HeaderMap,
+    Json(req): Json<SubmitRequest>,
+) -> ApiResult<Response> {
+    let key = match headers.get("idempotency-key") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(match queue::submit(&state, &who, req, key).await? {
+        Submitted::Created(row) => (StatusCode::ACCEPTED, Json(JobView::from(row))).into_response(),
+        Submitted::Existing(row) => (StatusCode::OK, Json(JobView::from(row))).into_response(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    kind: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+const STATUSES: [&str; 6] = [
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "dead",
+    "canceled",
+];
+
+async fn list(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Query(qy): Query<ListQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    if qy.all && !who.is_admin {
+        return Err(AuthError::Forbidden.into());
+    }
+    list_jobs(&state, (!qy.all).then_some(who.user_id), qy).await
+}
+
+async fn list_jobs(
+    state: &AppState,
+    user: Option<String>,
+    qy: ListQuery,
+) -> ApiResult<Json<serde_json::Value>> {
+    if let Some(s) = &qy.status
+        && !STATUSES.contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(format!(
+            "status must be one of {}",
+            STATUSES.join(", ")
+        )));
+    }
+    let limit = page_limit(qy.limit)?;
+    let rows = state
+        .storage
+        .read(move |c| {
+            q::list(
+                c,
+                &q::ListFilter {
+                    user_id: user.as_deref(),
+                    status: qy.status.as_deref(),
+                    kind: qy.kind.as_deref(),
+                    before_id: qy.cursor.as_deref(),
+                    limit: limit + 1,
+                },
+            )
+        })
+        .await?;
+    Ok(Json(page(rows, limit as usize)))
+}
+
+fn page(mut rows: Vec<q::JobRow>, limit: usize) -> serde_json::Value {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next = if more {
+        rows.last().map(|r| r.id.clone())
+    } else {
+        None
+    };
+    let items: Vec<JobView> = rows.into_iter().map(JobView::from).collect();
+    json!({ "items": items, "next_cursor": next })
+}
+
+async fn get_job(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    Ok(Json(queue::get_visible(&state, &who, &id).await?.into()))
+}
+
+async fn attempts(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let row = queue::get_visible(&state, &who, &id).await?;
+    let rows = state.storage.read(move |c| q::attempts(c, &row.id)).await?;
+    let items: Vec<_> = rows
+        .into_iter()
+        .map(|a| {
+            json!({
+                "attempt": a.attempt,
+                "started_at": crate::clock::rfc3339(a.started_at),
+                "finished_at": crate::clock::rfc3339(a.finished_at),
+                "outcome": a.outcome,
+                "error": a.error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    Ok(Json(queue::cancel(&state, &who, &id).await?.into()))
+}
+
+async fn retry(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    Ok(Json(queue::retry(&state, &who, &id).await?.into()))
+}
+
+/// Bearer header, or a single-use `?ticket=` for `EventSource` (which cannot set headers).
+pub struct StreamUser(pub Principal);
+
+impl FromRequestParts<AppState> for StreamUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if bearer(parts).is_some() {
+            let AuthUser(p) = AuthUser::from_request_parts(parts, state).await?;
+            return Ok(StreamUser(p));
+        }
+        let ticket = parts
+            .uri
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("ticket="))
+            .ok_or(AuthError::Unauthorized)?;
+        let p = state.jobs.redeem_ticket(ticket).ok_or_else(|| {
+            ApiError::unauthorized("the ticket is unknown, expired or already used")
+        })?;
+        Ok(StreamUser(p))
+    }
+}
+
+fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit(':').next())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+async fn job_events(
+    State(state): State<AppState>,
+    StreamUser(who): StreamUser,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let row = queue::get_visible(&state, &who, &id).await?;
+    Ok(sse::job_stream(state, row, last_event_id(&headers)).into_response())
+}
+
+async fn user_events(State(state): State<AppState>, StreamUser(who): StreamUser) -> Response {
+    sse::user_stream(state, who.user_id).into_response()
+}
+
+async fn ticket(State(state): State<AppState>, AuthUser(who): AuthUser) -> Json<serde_json::Value> {
+    Json(json!({ "ticket": state.jobs.issue_ticket(who), "expires_in": 60 }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeadQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    kind: Option<String>,
+}
+
+async fn dead_letters(
+    State(state): State<AppState>,
+    AdminUser(_): AdminUser,
+    Query(qy): Query<DeadQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    list_jobs(
+        &state,
+        None,
+        ListQuery {
+            status: Some("dead".into()),
+            kind: qy.kind,
+            limit: qy.limit,
+            cursor: qy.cursor,
+            all: true,
+        },
+    )
+    .await
+}
+
+async fn discard(
+    State(state): State<AppState>,
+    AdminUser(_): AdminUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    queue::discard(&state, &id).await.map_err(|e| match e {
+        JobError::NotFound => ApiError::not_found("no dead job with this id"),
+        e => e.into(),
+    })?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Stores an archive for the `analyze` kind: a raw body, or the first file of a
+/// multipart form. Streams to disk with the plan's size limit enforced as bytes arrive.
+async fn upload(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    req: Request,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let limit = state
+        .billing
+        .entitlement(&who.user_id)
+        .await
+        .limits
+        .max_upload_bytes;
+    let dir = state.config.data_dir.join("uploads");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(ApiError::internal)?;
+    let id = crate::ids::new_id();
+    let tmp = dir.join(format!(".{id}.partial"));
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
+    let written = if is_multipart {
+        let mut mp = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        let mut field = mp
+            .next_field()
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?
+            .ok_or_else(|| ApiError::invalid_input("the form has no file"))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(4);
+        let pump = async move {
+            loop {
+                let next = match field.chunk().await {
+                    Ok(Some(b)) => Ok(b),
+                    Ok(None) => break,
+                    Err(e) => Err(e.body_text()),
+                };
+                if tx.send(next).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let (_, saved) = tokio::join!(pump, save_stream(&tmp, Box::pin(stream), limit));
+        saved
+    } else {
+        let stream = req
+            .into_body()
+            .into_data_stream()
+            .map(|r| r.map_err(|e| e.to_string()));
+        save_stream(&tmp, Box::pin(stream), limit).await
+    };
+    let (size, sha) = match written {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+    };
+    if size == 0 {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(ApiError::invalid_input("the upload is empty"));
+    }
+    tokio::fs::rename(&tmp, dir.join(&id))
+        .await
+        .map_err(ApiError::internal)?;
+    let row = UploadRow {
+        id: id.clone(),
+        user_id: who.user_id.clone(),
+        size,
+        sha256: sha.clone(),
+        created_at: state.now_millis(),
+    };
+    state
+        .storage
+        .write(move |c| q::insert_upload(c, &row))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": id, "size": size, "sha256": sha })),
+    ))
+}
+
+async fn save_stream(
+    path: &std::path::Path,
+    mut stream: std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send>,
+    >,
+    limit: u64,
+) -> Result<(u64, String), ApiError> {
+    let mut file = tokio::fs::File::create(path)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("uploads on your plan are limited to {limit} bytes"),
+            ));
+        }
+        hasher.update(&chunk);
+        file.write_all(&chunk).await.map_err(ApiError::internal)?;
+    }
+    file.sync_all().await.map_err(ApiError::internal)?;
+    Ok((size, hex::encode(hasher.finalize())))
 }

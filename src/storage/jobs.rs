@@ -1,6 +1,7 @@
-//! The job queue's rows. See migrations/0001_foundation.sql for the table.
+//! The job queue's rows: enqueue, claim, finish, cancel, retry, leases, listing.
+//! See migrations/0001_foundation.sql for the table and its indexes.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Millis, StorageError};
 
@@ -25,8 +26,8 @@ pub struct NewJob<'a> {
 pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> Result<(), StorageError> {
     conn.prepare_cached(
         "INSERT INTO jobs (id, user_id, kind, queue, status, priority, payload, max_attempts,
-                           run_at, idempotency_key, request_hash, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11)",
+                           budget, run_at, idempotency_key, request_hash, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?7, ?8, ?9, ?10, ?11, ?11)",
     )?
     .execute(params![
         j.id,
@@ -41,5 +42,552 @@ pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> Result<(), StorageError>
         j.request_hash,
         j.now
     ])?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub id: String,
+    pub user_id: Option<String>,
+    pub kind: String,
+    pub queue: String,
+    pub status: String,
+    pub priority: i64,
+    pub payload: String,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub budget: u32,
+    pub run_at: Millis,
+    pub lease_until: Option<Millis>,
+    pub cancel_requested: bool,
+    pub progress_pct: u8,
+    pub progress_msg: Option<String>,
+    pub request_hash: Option<String>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+}
+
+const JOB_COLS: &str = "id, user_id, kind, queue, status, priority, payload, result, error, attempt, \
+     max_attempts, budget, run_at, lease_until, cancel_requested, progress_pct, progress_msg, \
+     request_hash, created_at, started_at, finished_at";
+
+fn job_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        kind: r.get(2)?,
+        queue: r.get(3)?,
+        status: r.get(4)?,
+        priority: r.get(5)?,
+        payload: r.get(6)?,
+        result: r.get(7)?,
+        error: r.get(8)?,
+        attempt: r.get(9)?,
+        max_attempts: r.get(10)?,
+        budget: r.get(11)?,
+        run_at: r.get(12)?,
+        lease_until: r.get(13)?,
+        cancel_requested: r.get(14)?,
+        progress_pct: r.get::<_, i64>(15)?.clamp(0, 100) as u8,
+        progress_msg: r.get(16)?,
+        request_hash: r.get(17)?,
+        created_at: r.get(18)?,
+        started_at: r.get(19)?,
+        finished_at: r.get(20)?,
+    })
+}
+
+pub fn get_job(conn: &Connection, id: &str) -> Result<Option<JobRow>, StorageError> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1"))?
+        .query_row([id], job_from_row)
+        .optional()?)
+}
+
+pub fn find_by_idempotency_key(
+    conn: &Connection,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<JobRow>, StorageError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE user_id = ?1 AND idempotency_key = ?2"
+        ))?
+        .query_row([user_id, key], job_from_row)
+        .optional()?)
+}
+
+/// Jobs of a user that hold a concurrency slot (queued, running or waiting to retry).
+pub fn count_active_for_user(conn: &Connection, user_id: &str) -> Result<u64, StorageError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM jobs
+             WHERE user_id = ?1 AND status IN ('queued', 'running', 'retrying')",
+        )?
+        .query_row([user_id], |r| r.get(0))?)
+}
+
+/// Jobs a user submitted since `since` (the plan's period quota).
+pub fn count_created_since(
+    conn: &Connection,
+    user_id: &str,
+    since: Millis,
+) -> Result<u64, StorageError> {
+    // Ids are UUIDv7, so `created_at >= since` is a range on the (user_id, id) index.
+    let lower = crate::ids::id_floor_for_millis(since);
+    Ok(conn
+        .prepare_cached("SELECT COUNT(*) FROM jobs WHERE user_id = ?1 AND id >= ?2")?
+        .query_row(params![user_id, lower], |r| r.get(0))?)
+}
+
+/// Claims up to `limit` runnable jobs of `queue` for this worker: one UPDATE … RETURNING
+/// that picks by priority then run_at and sets running + lease + attempt.
+pub fn claim(
+    conn: &Connection,
+    queue: &str,
+    limit: u32,
+    now: Millis,
+    lease_until: Millis,
+    worker: &str,
+) -> Result<Vec<JobRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_until = ?4,
+                worker = ?5, started_at = ?2, finished_at = NULL, updated_at = ?2
+         WHERE id IN (
+             SELECT id FROM jobs
+             WHERE queue = ?1 AND status IN ('queued', 'retrying') AND run_at <= ?2
+             ORDER BY priority DESC, run_at
+             LIMIT ?3)
+         RETURNING {JOB_COLS}"
+    ))?;
+    let mut rows = stmt
+        .query_map(
+            params![queue, now, limit, lease_until, worker],
+            job_from_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING order is unspecified; run in claim order.
+    rows.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.run_at.cmp(&b.run_at)));
+    Ok(rows)
+}
+
+/// When the next job of `queue` becomes runnable, if any is waiting.
+pub fn next_run_at(conn: &Connection, queue: &str) -> Result<Option<Millis>, StorageError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT MIN(run_at) FROM jobs WHERE queue = ?1 AND status IN ('queued', 'retrying')",
+        )?
+        .query_row([queue], |r| r.get(0))?)
+}
+
+/// How an attempt ended, as the worker decided it.
+#[derive(Debug, Clone)]
+pub enum Finish<'a> {
+    Succeeded {
+        result: &'a str,
+    },
+    Retry {
+        error: &'a str,
+        run_at: Millis,
+        outcome: &'a str,
+    },
+    Dead {
+        error: &'a str,
+        outcome: &'a str,
+    },
+    Canceled {
+        error: Option<&'a str>,
+    },
+}
+
+/// The column values a [`Finish`] writes.
+struct Columns<'a> {
+    status: &'static str,
+    result: Option<&'a str>,
+    error: Option<&'a str>,
+    run_at: Option<Millis>,
+    outcome: &'a str,
+    pct: Option<i64>,
+}
+
+impl<'a> Finish<'a> {
+    fn columns(&self) -> Columns<'a> {
+        let base = Columns {
+            status: "",
+            result: None,
+            error: None,
+            run_at: None,
+            outcome: "",
+            pct: None,
+        };
+        match *self {
+            Finish::Succeeded { result } => Columns {
+                status: "succeeded",
+                result: Some(result),
+                outcome: "succeeded",
+                pct: Some(100),
+                ..base
+            },
+            Finish::Retry {
+                error,
+                run_at,
+                outcome,
+            } => Columns {
+                status: "retrying",
+                error: Some(error),
+                run_at: Some(run_at),
+                outcome,
+                ..base
+            },
+            Finish::Dead { error, outcome } => Columns {
+                status: "dead",
+                error: Some(error),
+                outcome,
+                ..base
+            },
+            Finish::Canceled { error } => Columns {
+                status: "canceled",
+                error,
+                outcome: "canceled",
+                ..base
+            },
+        }
+    }
+}
+
+/// Records the end of attempt `attempt`. Fenced by (status running, attempt): if the job
+/// was rescued or canceled meanwhile, nothing changes and `Ok(None)` is returned.
+pub fn finish(
+    conn: &Connection,
+    id: &str,
+    attempt: u32,
+    started_at: Millis,
+    how: &Finish<'_>,
+    now: Millis,
+) -> Result<Option<JobRow>, StorageError> {
+    let Columns {
+        status,
+        result,
+        error,
+        run_at,
+        outcome,
+        pct,
+    } = how.columns();
+    let terminal = status != "retrying";
+    let row = conn
+        .prepare_cached(&format!(
+            "UPDATE jobs SET status = ?3, result = ?4, error = ?5,
+                    run_at = COALESCE(?6, run_at), lease_until = NULL, worker = NULL,
+                    finished_at = CASE WHEN ?7 THEN ?8 ELSE NULL END,
+                    progress_pct = COALESCE(?9, progress_pct), updated_at = ?8
+             WHERE id = ?1 AND attempt = ?2 AND status = 'running'
+             RETURNING {JOB_COLS}"
+        ))?
+        .query_row(
+            params![
+                id, attempt, status, result, error, run_at, terminal, now, pct
+            ],
+            job_from_row,
+        )
+        .optional()?;
+    if row.is_some() {
+        record_attempt(conn, id, attempt, started_at, now, outcome, error)?;
+    }
+    Ok(row)
+}
+
+fn record_attempt(
+    conn: &Connection,
+    id: &str,
+    attempt: u32,
+    started_at: Millis,
+    now: Millis,
+    outcome: &str,
+    error: Option<&str>,
+) -> Result<(), StorageError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO job_attempts (job_id, attempt, started_at, finished_at, outcome, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![id, attempt, started_at, now, outcome, error])?;
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub started_at: Millis,
+    pub finished_at: Millis,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+pub fn attempts(conn: &Connection, id: &str) -> Result<Vec<AttemptRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT attempt, started_at, finished_at, outcome, error FROM job_attempts
+         WHERE job_id = ?1 ORDER BY attempt",
+    )?;
+    let rows = stmt
+        .query_map([id], |r| {
+            Ok(AttemptRow {
+                attempt: r.get(0)?,
+                started_at: r.get(1)?,
+                finished_at: r.get(2)?,
+                outcome: r.get(3)?,
+                error: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Cancels a job that has not started (queued or waiting to retry): `Some(row)` if done.
+pub fn cancel_waiting(
+    conn: &Connection,
+    id: &str,
+    now: Millis,
+) -> Result<Option<JobRow>, StorageError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "UPDATE jobs SET status = 'canceled', finished_at = ?2, updated_at = ?2,
+                    error = COALESCE(error, 'canceled before it ran')
+             WHERE id = ?1 AND status IN ('queued', 'retrying')
+             RETURNING {JOB_COLS}"
+        ))?
+        .query_row(params![id, now], job_from_row)
+        .optional()?)
+}
+
+/// Marks a running job for cancellation; the worker running it ends it as `canceled`.
+pub fn request_cancel(conn: &Connection, id: &str, now: Millis) -> Result<bool, StorageError> {
+    Ok(conn.execute(
+        "UPDATE jobs SET cancel_requested = 1, updated_at = ?2 WHERE id = ?1 AND status = 'running'",
+        params![id, now],
+    )? == 1)
+}
+
+/// Puts a dead or canceled job back in the queue with a fresh budget of attempts;
+/// `attempt` keeps counting so the history stays intact.
+pub fn retry(conn: &Connection, id: &str, now: Millis) -> Result<Option<JobRow>, StorageError> {
+    Ok(conn
+        .prepare_cached(&format!(
+            "UPDATE jobs SET status = 'queued', max_attempts = attempt + budget, run_at = ?2,
+                    error = NULL, result = NULL, finished_at = NULL, cancel_requested = 0,
+                    progress_pct = 0, progress_msg = NULL, updated_at = ?2
+             WHERE id = ?1 AND status IN ('dead', 'canceled')
+             RETURNING {JOB_COLS}"
+        ))?
+        .query_row(params![id, now], job_from_row)
+        .optional()?)
+}
+
+/// Deletes a dead job (discard from the dead-letter queue).
+pub fn discard_dead(conn: &Connection, id: &str) -> Result<bool, StorageError> {
+    Ok(conn.execute("DELETE FROM jobs WHERE id = ?1 AND status = 'dead'", [id])? == 1)
+}
+
+/// Extends the lease of jobs this process is running.
+pub fn extend_leases(
+    conn: &Connection,
+    ids: &[String],
+    lease_until: Millis,
+    now: Millis,
+) -> Result<(), StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE jobs SET lease_until = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'running'",
+    )?;
+    for id in ids {
+        stmt.execute(params![id, lease_until, now])?;
+    }
+    Ok(())
+}
+
+/// Re-queues running jobs whose lease ends before `lease_before` and that `alive` does
+/// not claim (a crashed process's jobs). Jobs out of attempts go to the dead-letter queue.
+/// Returns the ids re-queued and the ids made dead.
+pub fn rescue_expired(
+    conn: &Connection,
+    lease_before: Millis,
+    now: Millis,
+    alive: &dyn Fn(&str) -> bool,
+) -> Result<(Vec<String>, Vec<String>), StorageError> {
+    let expired: Vec<(String, u32, u32, Millis)> = conn
+        .prepare_cached(
+            "SELECT id, attempt, max_attempts, COALESCE(started_at, created_at) FROM jobs
+             WHERE status = 'running' AND lease_until < ?1",
+        )?
+        .query_map([lease_before], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut requeued = Vec::new();
+    let mut dead = Vec::new();
+    for (id, attempt, max_attempts, started) in expired {
+        if alive(&id) {
+            continue;
+        }
+        let error = "the worker stopped before the attempt finished (crash or kill)";
+        let (status, outcome) = if attempt >= max_attempts {
+            ("dead", "interrupted")
+        } else {
+            ("queued", "interrupted")
+        };
+        conn.execute(
+            "UPDATE jobs SET status = ?2, lease_until = NULL, worker = NULL, run_at = ?3,
+                    error = ?4, updated_at = ?3,
+                    finished_at = CASE WHEN ?2 = 'dead' THEN ?3 ELSE NULL END
+             WHERE id = ?1 AND status = 'running'",
+            params![id, status, now, error],
+        )?;
+        record_attempt(conn, &id, attempt, started, now, outcome, Some(error))?;
+        if status == "dead" {
+            dead.push(id);
+        } else {
+            requeued.push(id);
+        }
+    }
+    Ok((requeued, dead))
+}
+
+/// Gives back jobs this process was running when it shut down gracefully: they return to
+/// the queue without spending the interrupted attempt.
+pub fn release(conn: &Connection, ids: &[String], now: Millis) -> Result<usize, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE jobs SET status = 'queued', attempt = MAX(attempt - 1, 0), lease_until = NULL,
+                worker = NULL, run_at = ?2, updated_at = ?2
+         WHERE id = ?1 AND status = 'running'",
+    )?;
+    let mut n = 0;
+    for id in ids {
+        n += stmt.execute(params![id, now])?;
+    }
+    Ok(n)
+}
+
+/// Stores the latest progress of a running job (at most once a second per job).
+pub fn save_progress(
+    conn: &Connection,
+    id: &str,
+    pct: u8,
+    msg: &str,
+    now: Millis,
+) -> Result<(), StorageError> {
+    conn.prepare_cached(
+        "UPDATE jobs SET progress_pct = ?2, progress_msg = ?3, updated_at = ?4
+         WHERE id = ?1 AND status = 'running'",
+    )?
+    .execute(params![id, pct, msg, now])?;
+    Ok(())
+}
+
+pub struct ListFilter<'a> {
+    /// None: every user's jobs (admin).
+    pub user_id: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    /// Return jobs with ids below this (newest first).
+    pub before_id: Option<&'a str>,
+    pub limit: u32,
+}
+
+/// Newest first; ids are time-ordered so `before_id` is a stable cursor.
+pub fn list(conn: &Connection, f: &ListFilter<'_>) -> Result<Vec<JobRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {JOB_COLS} FROM jobs
+         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR status = ?2)
+           AND (?3 IS NULL OR kind = ?3) AND (?4 IS NULL OR id < ?4)
+         ORDER BY id DESC LIMIT ?5"
+    ))?;
+    let rows = stmt
+        .query_map(
+            params![f.user_id, f.status, f.kind, f.before_id, f.limit],
+            job_from_row,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Counts by (queue, status) for metrics.
+pub fn counts_by_queue_status(
+    conn: &Connection,
+) -> Result<Vec<(String, String, u64)>, StorageError> {
+    let mut stmt =
+        conn.prepare_cached("SELECT queue, status, COUNT(*) FROM jobs GROUP BY queue, status")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Deletes finished jobs that ended before `before`; returns how many.
+pub fn purge_finished(
+    conn: &Connection,
+    before: Millis,
+    limit: u32,
+) -> Result<usize, StorageError> {
+    Ok(conn.execute(
+        "DELETE FROM jobs WHERE id IN (
+             SELECT id FROM jobs WHERE status IN ('succeeded', 'canceled', 'dead')
+               AND finished_at < ?1 LIMIT ?2)",
+        params![before, limit],
+    )?)
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadRow {
+    pub id: String,
+    pub user_id: String,
+    pub size: u64,
+    pub sha256: String,
+    pub created_at: Millis,
+}
+
+pub fn insert_upload(conn: &Connection, u: &UploadRow) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO uploads (id, user_id, size, sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![u.id, u.user_id, u.size, u.sha256, u.created_at],
+    )?;
+    Ok(())
+}
+
+pub fn get_upload(conn: &Connection, id: &str) -> Result<Option<UploadRow>, StorageError> {
+    Ok(conn
+        .query_row(
+            "SELECT id, user_id, size, sha256, created_at FROM uploads WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(UploadRow {
+                    id: r.get(0)?,
+                    user_id: r.get(1)?,
+                    size: r.get(2)?,
+                    sha256: r.get(3)?,
+                    created_at: r.get(4)?,
+                })
+            },
+        )
+        .optional()?)
+}
+
+/// A small key/value for process bookkeeping (e.g. when a periodic task last ran).
+pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, StorageError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()?)
+}
+
+pub fn meta_set(
+    conn: &Connection,
+    key: &str,
+    value: &str,
+    now: Millis,
+) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO meta (key, value, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        params![key, value, now],
+    )?;
     Ok(())
 }

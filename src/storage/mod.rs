@@ -280,3 +280,35 @@ pub fn integrity_check(path: &Path) -> Result<(), StorageError> {
 
 /// Milliseconds since the Unix epoch: how the schema stores time.
 pub type Millis = i64;
+
+/// An exclusive lock on the data dir (`flock` on `warpbase.lock`), held while serving, so
+/// two servers never share one database — which also lets startup treat every job still
+/// marked running as orphaned by a crash.
+pub struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    pub fn acquire(data_dir: &Path) -> Result<InstanceLock, String> {
+        let path = data_dir.join("warpbase.lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::io::AsRawFd;
+            // SAFETY: flock on a file descriptor we own for the lifetime of `file`.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc != 0 {
+                return Err(format!(
+                    "another warpbase is already running with data dir {}",
+                    data_dir.display()
+                ));
+            }
+        }
+        Ok(InstanceLock { _file: file })
+    }
+}

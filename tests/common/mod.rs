@@ -290,3 +290,80 @@ impl ChildServer {
         self.lines.try_iter().collect()
     }
 }
+
+/// One server-sent event as a client sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: Value,
+}
+
+/// A minimal SSE reader over a streaming response.
+pub struct SseReader {
+    stream:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buf: String,
+    pub comments: usize,
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> SseReader {
+        assert_eq!(resp.status(), 200, "SSE status");
+        let ct = resp.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .to_string();
+        assert!(ct.starts_with("text/event-stream"), "content type {ct}");
+        SseReader {
+            stream: Box::pin(resp.bytes_stream()),
+            buf: String::new(),
+            comments: 0,
+        }
+    }
+
+    /// The next event, or None when the server closed the stream. Panics after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
+        use futures_util::StreamExt;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: Value::Null,
+                };
+                let mut data = String::new();
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        let _ = c;
+                        self.comments += 1;
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = Some(v.trim().to_string());
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().to_string();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    ev.data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+                    return Some(ev);
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .expect("timed out waiting for an SSE event");
+            match chunk {
+                Some(Ok(b)) => self.buf.push_str(&String::from_utf8_lossy(&b)),
+                Some(Err(e)) => panic!("SSE stream error: {e}"),
+                None => return None,
+            }
+        }
+    }
+}

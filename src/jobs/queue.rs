@@ -1,0 +1,337 @@
+//! The jobs service: submit (validation, idempotency, plan quotas), read, cancel, retry,
+//! and the dead-letter queue. No HTTP here; routes call these.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::worker::publish_outcome;
+use crate::auth::Principal;
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::storage::StorageError;
+use crate::storage::jobs::{self as q, JobRow, NewJob};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no such job")]
+    NotFound,
+    #[error("this Idempotency-Key was used for a different request")]
+    IdempotencyConflict,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("plan limit reached: {what} ({used} of {limit})")]
+    PlanLimit {
+        what: &'static str,
+        limit: u64,
+        used: u64,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> ApiError {
+        use axum::http::StatusCode as S;
+        match e {
+            JobError::Invalid(m) => ApiError::invalid_input(m),
+            JobError::NotFound => ApiError::not_found("no such job"),
+            JobError::IdempotencyConflict => ApiError::conflict("conflict", e.to_string()),
+            JobError::Conflict(m) => ApiError::conflict("conflict", m),
+            JobError::PlanLimit { what, limit, used } => ApiError::new(
+                S::PAYMENT_REQUIRED,
+                "plan_limit",
+                format!("your plan allows {limit} {what}; upgrade to run more"),
+            )
+            .with_extra(serde_json::json!({ "limit": what, "max": limit, "used": used })),
+            JobError::Storage(s) => s.into(),
+        }
+    }
+}
+
+/// The body of `POST /api/v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    pub kind: String,
+    #[serde(default)]
+    pub payload: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+pub enum Submitted {
+    Created(JobRow),
+    /// The same Idempotency-Key and body were submitted before: the original job.
+    Existing(JobRow),
+}
+
+const MAX_PRIORITY: i64 = 1000;
+const MAX_ATTEMPTS: u32 = 25;
+const MAX_KEY_LEN: usize = 255;
+
+pub async fn submit(
+    state: &AppState,
+    who: &Principal,
+    req: SubmitRequest,
+    idempotency_key: Option<String>,
+) -> Result<Submitted, JobError> {
+    let spec = state
+        .jobs
+        .kind(&req.kind)
+        .filter(|k| k.public)
+        .cloned()
+        .ok_or_else(|| JobError::Invalid(format!("unknown job kind {:?}", req.kind)))?;
+    let queue = match &req.queue {
+        Some(q) if state.config.jobs.queues.contains_key(q) => q.clone(),
+        Some(q) => return Err(JobError::Invalid(format!("unknown queue {q:?}"))),
+        None => spec.queue.clone(),
+    };
+    let priority = req.priority.unwrap_or(0);
+    if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
+        return Err(JobError::Invalid(format!(
+            "priority must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"
+        )));
+    }
+    let now = state.now_millis();
+    let run_at = match &req.run_at {
+        Some(t) => crate::clock::parse_rfc3339(t).ok_or_else(|| {
+            JobError::Invalid(format!("run_at must be an RFC 3339 time, got {t:?}"))
+        })?,
+        None => now,
+    };
+    let max_attempts = req
+        .max_attempts
+        .or(spec.max_attempts)
+        .unwrap_or(state.config.jobs.max_attempts);
+    if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+        return Err(JobError::Invalid(format!(
+            "max_attempts must be between 1 and {MAX_ATTEMPTS}"
+        )));
+    }
+    if let Some(k) = &idempotency_key
+        && (k.is_empty() || k.len() > MAX_KEY_LEN)
+    {
+        return Err(JobError::Invalid(format!(
+            "Idempotency-Key must be 1 to {MAX_KEY_LEN} characters"
+        )));
+    }
+    spec.handler
+        .validate(state, &who.user_id, &req.payload)
+        .await
+        .map_err(JobError::Invalid)?;
+
+    let entitlement = state.billing.entitlement(&who.user_id).await;
+    let request_hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
+    let payload = req.payload.to_string();
+    let id = crate::ids::new_id_at(now);
+    let user_id = who.user_id.clone();
+    let kind = req.kind.clone();
+    let q2 = queue.clone();
+    let billable = spec.billable;
+    let outcome = state
+        .storage
+        .write(move |c| {
+            if let Some(key) = &idempotency_key
+                && let Some(existing) = q::find_by_idempotency_key(c, &user_id, key)?
+            {
+                return if existing.request_hash.as_deref() == Some(request_hash.as_str()) {
+                    Ok(Submitted::Existing(existing))
+                } else {
+                    Err(JobError::IdempotencyConflict)
+                };
+            }
+            if billable {
+                // Counted inside the writer, so concurrent submissions cannot overshoot.
+                let limits = entitlement.limits;
+                let active = q::count_active_for_user(c, &user_id)?;
+                if active >= u64::from(limits.concurrent_jobs) {
+                    return Err(JobError::PlanLimit {
+                        what: "concurrent jobs",
+                        limit: u64::from(limits.concurrent_jobs),
+                        used: active,
+                    });
+                }
+                let used = q::count_created_since(c, &user_id, entitlement.period_start)?;
+                if used >= limits.jobs_per_period {
+                    return Err(JobError::PlanLimit {
+                        what: "jobs this period",
+                        limit: limits.jobs_per_period,
+                        used,
+                    });
+                }
+            }
+            q::insert_job(
+                c,
+                &NewJob {
+                    id: &id,
+                    user_id: Some(&user_id),
+                    kind: &kind,
+                    queue: &q2,
+                    priority,
+                    payload: &payload,
+                    max_attempts,
+                    run_at,
+                    idempotency_key: idempotency_key.as_deref(),
+                    request_hash: Some(&request_hash),
+                    now,
+                },
+            )?;
+            let row = q::get_job(c, &id)?
+                .ok_or_else(|| StorageError::Corrupt("inserted job vanished".into()))?;
+            Ok(Submitted::Created(row))
+        })
+        .await?;
+    if let Submitted::Created(row) = &outcome {
+        publish_outcome(state, row);
+        state.jobs.notify(&queue);
+    }
+    Ok(outcome)
+}
+
+/// A job the caller may see: their own, or any for an admin.
+pub async fn get_visible(state: &AppState, who: &Principal, id: &str) -> Result<JobRow, JobError> {
+    let id = id.to_string();
+    let row = state
+        .storage
+        .read(move |c| q::get_job(c, &id))
+        .await?
+        .ok_or(JobError::NotFound)?;
+    if who.is_admin || row.user_id.as_deref() == Some(who.user_id.as_str()) {
+        Ok(row)
+    } else {
+        Err(JobError::NotFound)
+    }
+}
+
+pub async fn cancel(state: &AppState, who: &Principal, id: &str) -> Result<JobRow, JobError> {
+    let row = get_visible(state, who, id).await?;
+    let now = state.now_millis();
+    let jid = row.id.clone();
+    match row.status.as_str() {
+        "queued" | "retrying" => {
+            let done = state
+                .storage
+                .write(move |c| q::cancel_waiting(c, &jid, now))
+                .await?;
+            match done {
+                Some(r) => {
+                    publish_outcome(state, &r);
+                    Ok(r)
+                }
+                // It started meanwhile: cancel it as a running job.
+                None => Box::pin(cancel(state, who, id)).await,
+            }
+        }
+        "running" => {
+            state
+                .storage
+                .write(move |c| q::request_cancel(c, &jid, now))
+                .await?;
+            state.jobs.signal_cancel(&row.id);
+            get_visible(state, who, id).await
+        }
+        other => Err(JobError::Conflict(format!(
+            "the job is already {other}; only queued, retrying or running jobs can be canceled"
+        ))),
+    }
+}
+
+pub async fn retry(state: &AppState, who: &Principal, id: &str) -> Result<JobRow, JobError> {
+    let row = get_visible(state, who, id).await?;
+    let now = state.now_millis();
+    let jid = row.id.clone();
+    let updated = state
+        .storage
+        .write(move |c| q::retry(c, &jid, now))
+        .await?
+        .ok_or_else(|| {
+            JobError::Conflict(format!(
+                "the job is {}; only dead or canceled jobs can be retried",
+                row.status
+            ))
+        })?;
+    publish_outcome(state, &updated);
+    state.jobs.notify(&updated.queue);
+    Ok(updated)
+}
+
+/// Admin: discard a dead job.
+pub async fn discard(state: &AppState, id: &str) -> Result<(), JobError> {
+    let jid = id.to_string();
+    let found = state
+        .storage
+        .write(move |c| q::discard_dead(c, &jid))
+        .await?;
+    if !found {
+        return Err(JobError::NotFound);
+    }
+    state.jobs.hub().forget(id);
+    Ok(())
+}
+
+/// The `Job` object of the API.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: String,
+    pub queue: String,
+    pub status: String,
+    pub priority: i64,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    pub progress: ProgressView,
+    pub payload: Value,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    #[serde(with = "crate::clock::serde_ms")]
+    pub created_at: i64,
+    #[serde(with = "crate::clock::serde_ms::option")]
+    pub started_at: Option<i64>,
+    #[serde(with = "crate::clock::serde_ms::option")]
+    pub finished_at: Option<i64>,
+    #[serde(with = "crate::clock::serde_ms")]
+    pub run_at: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgressView {
+    pub pct: u8,
+    pub message: String,
+}
+
+impl From<JobRow> for JobView {
+    fn from(r: JobRow) -> JobView {
+        JobView {
+            payload: serde_json::from_str(&r.payload).unwrap_or(Value::Null),
+            result: r
+                .result
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
+            progress: ProgressView {
+                pct: r.progress_pct,
+                message: r.progress_msg.unwrap_or_default(),
+            },
+            id: r.id,
+            kind: r.kind,
+            queue: r.queue,
+            status: r.status,
+            priority: r.priority,
+            attempt: r.attempt,
+            max_attempts: r.max_attempts,
+            error: r.error,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+            run_at: r.run_at,
+        }
+    }
+}

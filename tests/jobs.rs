@@ -1,0 +1,864 @@
+//! Jobs, black-box: the queue's lifecycle, retries and the dead-letter queue, timeouts,
+//! cancellation, idempotency, quotas, exactly-once execution, SSE, and crash recovery.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{ChildServer, SseReader, TestApp, TestUser, eventually, expect_problem};
+use futures_util::future::BoxFuture;
+use serde_json::{Value, json};
+use warpbase::AppOptions;
+use warpbase::config::{PlanConfig, PlanLimits, QueueConfig};
+use warpbase::jobs::{Handler, JobContext, JobFailure, KindSpec};
+
+const T: Duration = Duration::from_secs(20);
+
+fn fast_retries(c: &mut warpbase::Config) {
+    c.jobs.backoff_base = Duration::from_millis(5);
+    c.jobs.backoff_cap = Duration::from_millis(50);
+    c.jobs.queues.insert(
+        "tiny".into(),
+        QueueConfig {
+            concurrency: 2,
+            timeout: Duration::from_millis(300),
+        },
+    );
+}
+
+fn generous_free_plan(c: &mut warpbase::Config) {
+    c.billing.plans.push(PlanConfig {
+        id: "free".into(),
+        name: "Free".into(),
+        price_id: String::new(),
+        price: 0,
+        currency: "usd".into(),
+        interval: "month".into(),
+        metered: false,
+        limits: PlanLimits {
+            jobs_per_period: 100_000,
+            concurrent_jobs: 100_000,
+            max_upload_bytes: 1 << 20,
+        },
+    });
+}
+
+async fn start() -> (TestApp, TestUser) {
+    let app = TestApp::start_with(
+        |c| {
+            fast_retries(c);
+            generous_free_plan(c);
+        },
+        AppOptions::default(),
+    )
+    .await;
+    let user = app.create_user("jobs@example.com").await;
+    (app, user)
+}
+
+async fn submit(app: &TestApp, user: &TestUser, body: Value) -> Value {
+    let r = app
+        .post_json("/api/v1/jobs", Some(&user.access_token), &body)
+        .await;
+    assert_eq!(r.status(), 202, "submit {body}");
+    r.json().await.expect("job json")
+}
+
+async fn job(app: &TestApp, user: &TestUser, id: &str) -> Value {
+    let r = app
+        .get(&format!("/api/v1/jobs/{id}"), Some(&user.access_token))
+        .await;
+    assert_eq!(r.status(), 200);
+    r.json().await.expect("job json")
+}
+
+async fn wait_status(app: &TestApp, user: &TestUser, id: &str, status: &str) -> Value {
+    eventually(T, &format!("job {id} to be {status}"), || async {
+        let j = job(app, user, id).await;
+        (j["status"] == status).then_some(j)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_demo_job_streams_progress_and_succeeds() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 5, "step_ms": 30}}),
+    )
+    .await;
+    assert_eq!(j["status"], "queued");
+    assert_eq!(j["max_attempts"], 4);
+    let id = j["id"].as_str().expect("id");
+    let resp = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+        .bearer_auth(&user.access_token)
+        .send()
+        .await
+        .expect("sse");
+    let mut sse = SseReader::new(resp);
+    let mut pcts = Vec::new();
+    let mut done = None;
+    while let Some(ev) = sse.next(T).await {
+        assert!(ev.id.is_some(), "every event has an id: {ev:?}");
+        match ev.event.as_str() {
+            "progress" => pcts.push(ev.data["pct"].as_u64().expect("pct")),
+            "done" => done = Some(ev.data),
+            "state" => {}
+            other => panic!("unexpected event {other}"),
+        }
+    }
+    let done = done.expect("a terminal done event before the stream closed");
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["result"], json!({"steps": 5}));
+    assert!(
+        pcts.windows(2).all(|w| w[0] <= w[1]),
+        "progress in order: {pcts:?}"
+    );
+    assert_eq!(pcts.last(), Some(&100));
+    let j = job(&app, &user, id).await;
+    assert_eq!(j["status"], "succeeded");
+    assert_eq!(j["progress"]["pct"], 100);
+    assert_eq!(j["attempt"], 1);
+    assert!(j["finished_at"].is_string());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn retryable_failures_retry_then_succeed_with_history() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0, "fail_attempts": 2}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let j = wait_status(&app, &user, id, "succeeded").await;
+    assert_eq!(j["attempt"], 3);
+    let r = app
+        .get(
+            &format!("/api/v1/jobs/{id}/attempts"),
+            Some(&user.access_token),
+        )
+        .await;
+    let hist: Value = r.json().await.expect("json");
+    let outcomes: Vec<&str> = hist["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes, vec!["retry", "retry", "succeeded"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn exhausted_goes_dead_and_a_dlq_retry_gets_a_fresh_budget() {
+    let (app, user) = start().await;
+    assert!(user.is_admin, "first user is admin");
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "max_attempts": 2,
+               "payload": {"steps": 1, "step_ms": 0, "fail_attempts": 2}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let dead = wait_status(&app, &user, id, "dead").await;
+    assert_eq!(dead["attempt"], 2);
+    assert!(
+        dead["error"]
+            .as_str()
+            .expect("error")
+            .contains("injected failure")
+    );
+    let dlq: Value = app
+        .get("/api/v1/admin/jobs/dead", Some(&user.access_token))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        dlq["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .any(|j| j["id"] == id)
+    );
+    let r = app
+        .post_json(
+            &format!("/api/v1/jobs/{id}/retry"),
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let retried: Value = r.json().await.expect("json");
+    assert_eq!(
+        retried["max_attempts"], 4,
+        "fresh budget of 2 on top of 2 used"
+    );
+    let ok = wait_status(&app, &user, id, "succeeded").await;
+    assert_eq!(ok["attempt"], 3, "attempt keeps counting");
+    // Retrying a succeeded job is a conflict.
+    let r = app
+        .post_json(
+            &format!("/api/v1/jobs/{id}/retry"),
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await;
+    expect_problem(r, 409, "conflict").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn permanent_failure_goes_straight_to_dead_and_can_be_discarded() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0, "permanent_fail": true}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let dead = wait_status(&app, &user, id, "dead").await;
+    assert_eq!(dead["attempt"], 1);
+    let r = app
+        .client
+        .delete(app.url(&format!("/api/v1/admin/jobs/{id}")))
+        .bearer_auth(&user.access_token)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), 204);
+    expect_problem(
+        app.get(&format!("/api/v1/jobs/{id}"), Some(&user.access_token))
+            .await,
+        404,
+        "not_found",
+    )
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_timeout_counts_as_a_failed_attempt() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "queue": "tiny", "max_attempts": 2,
+               "payload": {"steps": 50, "step_ms": 100}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let dead = wait_status(&app, &user, id, "dead").await;
+    assert_eq!(dead["attempt"], 2);
+    assert!(
+        dead["error"].as_str().expect("error").contains("timed out"),
+        "{dead}"
+    );
+    let hist: Value = app
+        .get(
+            &format!("/api/v1/jobs/{id}/attempts"),
+            Some(&user.access_token),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        hist["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|a| a["outcome"] == "timeout"),
+        "{hist}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancel_a_queued_and_a_running_job() {
+    let (app, user) = start().await;
+    let later = warpbase::clock::rfc3339(warpbase::clock::now_millis() + 3_600_000);
+    let q = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "run_at": later, "payload": {"steps": 1, "step_ms": 0}}),
+    )
+    .await;
+    let qid = q["id"].as_str().expect("id");
+    let r = app
+        .post_json(
+            &format!("/api/v1/jobs/{qid}/cancel"),
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.expect("json")["status"], "canceled");
+
+    let run = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 200, "step_ms": 50}}),
+    )
+    .await;
+    let rid = run["id"].as_str().expect("id");
+    wait_status(&app, &user, rid, "running").await;
+    let r = app
+        .post_json(
+            &format!("/api/v1/jobs/{rid}/cancel"),
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let j = wait_status(&app, &user, rid, "canceled").await;
+    assert_eq!(j["attempt"], 1);
+    // Canceling a finished job is a conflict; someone else's job is not found.
+    let r = app
+        .post_json(
+            &format!("/api/v1/jobs/{rid}/cancel"),
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await;
+    expect_problem(r, 409, "conflict").await;
+    let other = app.create_user("other@example.com").await;
+    let r = app
+        .get(&format!("/api/v1/jobs/{rid}"), Some(&other.access_token))
+        .await;
+    expect_problem(r, 404, "not_found").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_job_or_conflicts() {
+    let (app, user) = start().await;
+    let body = json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0}});
+    let send = |b: Value| {
+        app.client
+            .post(app.url("/api/v1/jobs"))
+            .bearer_auth(&user.access_token)
+            .header("idempotency-key", "order-42")
+            .json(&b)
+            .send()
+    };
+    let first = send(body.clone()).await.expect("req");
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.expect("json");
+    let again = send(body.clone()).await.expect("req");
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.json::<Value>().await.expect("json")["id"],
+        first["id"]
+    );
+    let different = send(json!({"kind": "demo", "payload": {"steps": 2, "step_ms": 0}}))
+        .await
+        .expect("req");
+    expect_problem(different, 409, "conflict").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_submissions_are_clear_problems() {
+    let (app, user) = start().await;
+    for (body, code, status) in [
+        (json!({"kind": "nope", "payload": {}}), "invalid_input", 422),
+        (
+            json!({"kind": "demo", "payload": {"steps": 0, "step_ms": 1}}),
+            "invalid_input",
+            422,
+        ),
+        (
+            json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 1, "x": 1}}),
+            "invalid_input",
+            422,
+        ),
+        (
+            json!({"kind": "demo", "queue": "nope", "payload": {"steps": 1, "step_ms": 1}}),
+            "invalid_input",
+            422,
+        ),
+        (
+            json!({"kind": "demo", "run_at": "tomorrow", "payload": {"steps": 1, "step_ms": 1}}),
+            "invalid_input",
+            422,
+        ),
+        (
+            json!({"kind": "demo", "max_attempts": 0, "payload": {"steps": 1, "step_ms": 1}}),
+            "invalid_input",
+            422,
+        ),
+        (json!({"kind": "demo", "bogus": 1}), "invalid_input", 422),
+    ] {
+        let r = app
+            .post_json("/api/v1/jobs", Some(&user.access_token), &body)
+            .await;
+        expect_problem(r, status, code).await;
+    }
+    let r = app
+        .post_json("/api/v1/jobs", None, &json!({"kind": "demo"}))
+        .await;
+    expect_problem(r, 401, "unauthorized").await;
+    let r = app
+        .get("/api/v1/jobs?limit=1000", Some(&user.access_token))
+        .await;
+    expect_problem(r, 400, "invalid_input").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn plan_quotas_answer_402() {
+    let app = TestApp::start_with(
+        |c| {
+            c.billing.plans.push(PlanConfig {
+                id: "free".into(),
+                name: "Free".into(),
+                price_id: String::new(),
+                price: 0,
+                currency: "usd".into(),
+                interval: "month".into(),
+                metered: false,
+                limits: PlanLimits {
+                    jobs_per_period: 3,
+                    concurrent_jobs: 2,
+                    max_upload_bytes: 1024,
+                },
+            });
+        },
+        AppOptions::default(),
+    )
+    .await;
+    let user = app.create_user("quota@example.com").await;
+    let long = json!({"kind": "demo", "payload": {"steps": 1000, "step_ms": 50}});
+    let a = submit(&app, &user, long.clone()).await;
+    submit(&app, &user, long.clone()).await;
+    let r = app
+        .post_json("/api/v1/jobs", Some(&user.access_token), &long)
+        .await;
+    let body = expect_problem(r, 402, "plan_limit").await;
+    assert_eq!(body["max"], 2);
+    // Freeing a slot allows one more, then the period quota (3) stops the next.
+    let aid = a["id"].as_str().expect("id");
+    app.post_json(
+        &format!("/api/v1/jobs/{aid}/cancel"),
+        Some(&user.access_token),
+        &json!({}),
+    )
+    .await;
+    wait_status(&app, &user, aid, "canceled").await;
+    submit(&app, &user, long.clone()).await;
+    let b = app
+        .post_json("/api/v1/jobs", Some(&user.access_token), &long)
+        .await;
+    let body = expect_problem(b, 402, "plan_limit").await;
+    assert_eq!(body["limit"], "concurrent jobs");
+    app.shutdown().await;
+}
+
+/// A kind that records how often each job ran, to prove exactly-once execution.
+struct Counting(Arc<Mutex<HashMap<String, u32>>>);
+
+impl Handler for Counting {
+    fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobFailure>> {
+        let runs = self.0.clone();
+        Box::pin(async move {
+            *runs
+                .lock()
+                .expect("lock")
+                .entry(ctx.job_id.clone())
+                .or_default() += 1;
+            tokio::task::yield_now().await;
+            ctx.progress.report(100, "counted");
+            Ok(json!({"ok": true}))
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_jobs_on_two_queues_each_run_exactly_once() {
+    let runs = Arc::new(Mutex::new(HashMap::new()));
+    let kind = |name: &str, queue: &str| KindSpec {
+        name: name.into(),
+        queue: queue.into(),
+        handler: Arc::new(Counting(runs.clone())),
+        public: true,
+        billable: true,
+        timeout: None,
+        max_attempts: None,
+    };
+    let app = TestApp::start_with(
+        generous_free_plan,
+        AppOptions {
+            extra_kinds: vec![kind("count_fast", "fast"), kind("count_slow", "slow")],
+            ..Default::default()
+        },
+    )
+    .await;
+    let user = app.create_user("many@example.com").await;
+    let mut ids = Vec::new();
+    let mut pending = Vec::new();
+    for i in 0..1000 {
+        let kind = if i % 2 == 0 {
+            "count_fast"
+        } else {
+            "count_slow"
+        };
+        let req = app
+            .client
+            .post(app.url("/api/v1/jobs"))
+            .bearer_auth(&user.access_token)
+            .json(&json!({"kind": kind, "payload": {"i": i}}))
+            .send();
+        pending.push(req);
+        if pending.len() == 50 {
+            for r in futures_util::future::join_all(pending.drain(..)).await {
+                let r = r.expect("submit");
+                assert_eq!(r.status(), 202);
+                ids.push(
+                    r.json::<Value>().await.expect("json")["id"]
+                        .as_str()
+                        .expect("id")
+                        .to_string(),
+                );
+            }
+        }
+    }
+    eventually(Duration::from_secs(60), "1000 jobs to succeed", || async {
+        let r: Value = app
+            .get(
+                "/api/v1/jobs?status=succeeded&limit=1",
+                Some(&user.access_token),
+            )
+            .await
+            .json()
+            .await
+            .ok()?;
+        let _ = r;
+        let n = app
+            .state()
+            .storage
+            .read(|c| {
+                Ok::<i64, warpbase::storage::StorageError>(c.query_row(
+                    "SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .ok()?;
+        (n == 1000).then_some(())
+    })
+    .await;
+    {
+        let runs = runs.lock().expect("lock");
+        assert_eq!(runs.len(), 1000);
+        assert!(
+            ids.iter().all(|id| runs.get(id) == Some(&1)),
+            "every job ran exactly once"
+        );
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn sse_resume_with_last_event_id_misses_nothing() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 20, "step_ms": 40}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id").to_string();
+    let open = |last: Option<String>| {
+        let mut req = app
+            .client
+            .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+            .bearer_auth(&user.access_token);
+        if let Some(l) = last {
+            req = req.header("last-event-id", l);
+        }
+        req.send()
+    };
+    // Read until a few progress events arrived, then drop the connection.
+    let mut sse = SseReader::new(open(None).await.expect("sse"));
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last_id = None;
+    while seen.len() < 3 {
+        let ev = sse.next(T).await.expect("event");
+        if ev.event == "progress" && ev.data["pct"].as_u64().unwrap_or(0) > 0 {
+            seen.push(ev.data["pct"].as_u64().expect("pct"));
+        }
+        last_id = ev.id.clone();
+    }
+    drop(sse);
+    // Miss some events on purpose.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut sse = SseReader::new(open(last_id.clone()).await.expect("sse"));
+    let mut prev: u64 = last_id
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .expect("numeric id");
+    let mut done = false;
+    while let Some(ev) = sse.next(T).await {
+        let seq: u64 = ev
+            .id
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .expect("numeric id");
+        assert_eq!(seq, prev + 1, "no gap after Last-Event-ID: {ev:?}");
+        prev = seq;
+        if ev.event == "progress" {
+            seen.push(ev.data["pct"].as_u64().expect("pct"));
+        }
+        done |= ev.event == "done";
+    }
+    assert!(done, "the terminal event arrives after resume");
+    for pct in (5..=100).step_by(5) {
+        assert!(seen.contains(&pct), "progress {pct} missing from {seen:?}");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_finished_job_streams_its_final_state_at_once_and_tickets_are_single_use() {
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    wait_status(&app, &user, id, "succeeded").await;
+    let t: Value = app
+        .post_json(
+            "/api/v1/events/ticket",
+            Some(&user.access_token),
+            &json!({}),
+        )
+        .await
+        .json()
+        .await
+        .expect("ticket");
+    let ticket = t["ticket"].as_str().expect("ticket");
+    let url = app.url(&format!("/api/v1/jobs/{id}/events?ticket={ticket}"));
+    let mut sse = SseReader::new(app.client.get(&url).send().await.expect("sse"));
+    let mut names = Vec::new();
+    while let Some(ev) = sse.next(T).await {
+        names.push(ev.event);
+    }
+    assert_eq!(names, vec!["state", "progress", "done"]);
+    let again = app.client.get(&url).send().await.expect("sse");
+    expect_problem(again, 401, "unauthorized").await;
+    let none = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+        .send()
+        .await
+        .expect("sse");
+    expect_problem(none, 401, "unauthorized").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_user_stream_carries_every_job() {
+    let (app, user) = start().await;
+    let resp = app
+        .client
+        .get(app.url("/api/v1/events"))
+        .bearer_auth(&user.access_token)
+        .send()
+        .await
+        .expect("sse");
+    let mut sse = SseReader::new(resp);
+    let a = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 2, "step_ms": 10}}),
+    )
+    .await;
+    let b = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 2, "step_ms": 10}}),
+    )
+    .await;
+    let mut done = std::collections::HashSet::new();
+    while done.len() < 2 {
+        let ev = sse.next(T).await.expect("event");
+        if ev.event == "done" {
+            done.insert(ev.data["id"].as_str().expect("id").to_string());
+        }
+    }
+    assert!(done.contains(a["id"].as_str().expect("id")));
+    assert!(done.contains(b["id"].as_str().expect("id")));
+    app.shutdown().await;
+}
+
+/// Mints a session for a user inserted straight into a stopped server's database.
+fn seed_user(data_dir: &std::path::Path) -> String {
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let storage = warpbase::storage::Storage::open(data_dir).expect("open");
+        let secret = std::fs::read_to_string(data_dir.join("secrets/jwt.key")).expect("secret");
+        let now = warpbase::clock::now_millis();
+        let (uid, sid) = storage
+            .write(move |c| {
+                let uid = warpbase::ids::new_id();
+                let sid = warpbase::ids::new_id();
+                warpbase::storage::users::insert_user(
+                    c,
+                    &warpbase::storage::users::NewUser {
+                        id: &uid,
+                        email: "crash@example.com",
+                        email_verified: true,
+                        name: None,
+                        password_hash: None,
+                        role: None,
+                        now,
+                    },
+                )?;
+                warpbase::storage::users::insert_session(
+                    c,
+                    &warpbase::storage::users::NewSession {
+                        id: &sid,
+                        user_id: &uid,
+                        refresh_hash: &[1, 2, 3],
+                        refresh_expires_at: now + 3_600_000,
+                        user_agent: None,
+                        ip: None,
+                        now,
+                    },
+                )?;
+                Ok::<_, warpbase::storage::StorageError>((uid, sid))
+            })
+            .await
+            .expect("seed");
+        storage.close().await.expect("close");
+        warpbase::auth::tokens::JwtKeys::new(secret.trim().as_bytes()).issue(
+            &warpbase::auth::tokens::Claims {
+                sub: uid,
+                sid,
+                ver: 0,
+                iat: now / 1000,
+                exp: now / 1000 + 3600,
+            },
+        )
+    })
+}
+
+#[test]
+fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The child runs in its data dir and reads ./warpbase.toml from there.
+    std::fs::write(
+        dir.path().join("warpbase.toml"),
+        "[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
+         limits = { jobs_per_period = 1000, concurrent_jobs = 100, max_upload_bytes = 1024 }\n",
+    )
+    .expect("config");
+    let first = ChildServer::start(dir.path(), &[], &[]);
+    assert!(first.terminate(Duration::from_secs(15)).success());
+    let token = seed_user(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let client = reqwest::Client::new();
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for _ in 0..12 {
+            let r = client
+                .post(server.url("/api/v1/jobs"))
+                .bearer_auth(&token)
+                .json(&json!({"kind": "demo", "payload": {"steps": 10, "step_ms": 100}}))
+                .send()
+                .await
+                .expect("submit");
+            assert_eq!(r.status(), 202);
+            ids.push(
+                r.json::<Value>().await.expect("json")["id"]
+                    .as_str()
+                    .expect("id")
+                    .to_string(),
+            );
+        }
+        // Wait until some are mid-flight.
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let r: Value = client
+                .get(server.url("/api/v1/jobs?status=running"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("list")
+                .json()
+                .await
+                .expect("json");
+            if !r["items"].as_array().expect("items").is_empty() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no job started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ids
+    });
+    server.kill9();
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    rt.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut all = true;
+            for id in &ids {
+                let j: Value = client
+                    .get(server.url(&format!("/api/v1/jobs/{id}")))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("get")
+                    .json()
+                    .await
+                    .expect("json");
+                assert_ne!(j["status"], "dead", "{j}");
+                all &= j["status"] == "succeeded";
+            }
+            if all {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "jobs did not all finish after restart"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for id in &ids {
+            let h: Value = client
+                .get(server.url(&format!("/api/v1/jobs/{id}/attempts")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("attempts")
+                .json()
+                .await
+                .expect("json");
+            let ok = h["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .filter(|a| a["outcome"] == "succeeded")
+                .count();
+            assert_eq!(ok, 1, "job {id} succeeded exactly once: {h}");
+        }
+    });
+    server.kill9();
+}
