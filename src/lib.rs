@@ -87,7 +87,9 @@ impl App {
             jwt_secret.as_bytes(),
         );
         let billing = billing::Billing::new(&config);
-        let jobs = jobs::Jobs::new(&config, opts.extra_kinds);
+        let mut kinds = vec![auth::mail::kind_spec()];
+        kinds.extend(opts.extra_kinds);
+        let jobs = jobs::Jobs::new(&config, kinds);
         let state = AppState::new(config.clone(), storage, clock, auth, billing, jobs, metrics);
         let listener = TcpListener::bind(config.listen)
             .await

@@ -17,6 +17,33 @@ pub struct AuthUser(pub Principal);
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub Principal);
 
+/// The caller's address (proxy-aware) and user agent, for sessions, limits and audit.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo(pub super::service::Client);
+
+impl FromRequestParts<AppState> for ClientInfo {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let ip = crate::http::peer_addr(parts).map(|peer| {
+            let xff = parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok());
+            super::client_ip::client_ip(peer.ip(), xff, &state.config.trusted_proxies).to_string()
+        });
+        let user_agent = parts
+            .headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(300).collect());
+        Ok(ClientInfo(super::service::Client { ip, user_agent }))
+    }
+}
+
 /// The bearer token of a request, if it carries one.
 pub fn bearer(parts: &Parts) -> Option<&str> {
     let value = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;

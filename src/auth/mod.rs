@@ -6,8 +6,13 @@
 //! after any commit that changes them, so revocation is immediate and the database is
 //! not touched on a warm request.
 
+pub mod client_ip;
 pub mod extract;
+pub mod mail;
+pub mod password;
+pub mod ratelimit;
 pub mod routes;
+pub mod service;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -28,12 +33,30 @@ use tokens::{Claims, JwtKeys, TokenError};
 pub enum AuthError {
     #[error("authentication required")]
     Unauthorized,
+    #[error("wrong email or password")]
+    InvalidCredentials,
     #[error("the access token has expired")]
     TokenExpired,
     #[error("this session has been revoked; sign in again")]
     SessionRevoked,
+    #[error("this refresh token was already used; the session has been revoked for safety")]
+    RefreshReused,
+    #[error("the token or code is invalid, expired or already used")]
+    InvalidGrant,
+    #[error("an account with this email already exists")]
+    EmailTaken,
+    #[error("too many attempts")]
+    RateLimited(Duration),
+    #[error("{0}")]
+    Invalid(String),
     #[error("admin role required")]
     Forbidden,
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(&'static str, String),
+    #[error(transparent)]
+    Password(#[from] password::PasswordError),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -49,7 +72,25 @@ impl From<AuthError> for ApiError {
             AuthError::SessionRevoked => {
                 ApiError::new(S::UNAUTHORIZED, "session_revoked", e.to_string())
             }
+            AuthError::InvalidCredentials => {
+                ApiError::new(S::UNAUTHORIZED, "invalid_credentials", e.to_string())
+            }
+            AuthError::RefreshReused => {
+                ApiError::new(S::UNAUTHORIZED, "refresh_reused", e.to_string())
+            }
+            AuthError::InvalidGrant => {
+                ApiError::new(S::BAD_REQUEST, "invalid_grant", e.to_string())
+            }
+            AuthError::EmailTaken => ApiError::conflict("email_taken", e.to_string()),
+            AuthError::RateLimited(after) => ApiError::rate_limited(after),
+            AuthError::Invalid(m) => ApiError::invalid_input(m),
             AuthError::Forbidden => ApiError::forbidden(e.to_string()),
+            AuthError::NotFound => ApiError::not_found("no such resource"),
+            AuthError::Conflict(code, m) => ApiError::conflict(code, m),
+            AuthError::Password(password::PasswordError::Overloaded) => {
+                ApiError::unavailable("sign-in is busy; try again in a moment")
+            }
+            AuthError::Password(p) => ApiError::internal(p),
             AuthError::Storage(s) => s.into(),
         }
     }
@@ -85,6 +126,8 @@ struct Inner {
     keys: JwtKeys,
     access_ttl: Duration,
     refresh_ttl: Duration,
+    hasher: password::PasswordHasher,
+    limiter: ratelimit::RateLimiter,
     /// user id → what every request checks. Invalidated after commits that change it.
     user_states: Cache<String, UserAuthState>,
     /// session id → (user id, live). Invalidated after revocations.
@@ -102,6 +145,11 @@ impl Auth {
                 keys: JwtKeys::new(jwt_secret),
                 access_ttl: config.auth.access_ttl,
                 refresh_ttl: config.auth.refresh_ttl,
+                hasher: password::PasswordHasher::new(),
+                limiter: ratelimit::RateLimiter::new(
+                    ratelimit::RatePolicy::new(config.auth.rate_limit, config.auth.rate_window),
+                    100_000,
+                ),
                 user_states: Cache::builder()
                     .max_capacity(100_000)
                     .time_to_live(cache_ttl)
@@ -247,6 +295,15 @@ impl Auth {
             refresh_token,
             refresh_expires_in: self.inner.refresh_ttl.as_secs(),
         }
+    }
+
+    pub fn hasher(&self) -> &password::PasswordHasher {
+        &self.inner.hasher
+    }
+
+    /// The attempt limiter shared by login, register and reset (keys `ip:` and `email:`).
+    pub fn limiters(&self) -> &ratelimit::RateLimiter {
+        &self.inner.limiter
     }
 
     pub fn storage(&self) -> &Storage {

@@ -1,9 +1,10 @@
 //! The `demo` kind: a job that only sleeps, reports progress and fails on request, so the
 //! queue, retries, the dead-letter queue and live progress can be tried without real work.
 //!
-//! Owns payload validation and the run itself; it never touches storage. Time comes from
-//! `tokio::time`, so tests run it on paused time.
+//! Owns payload validation and the run itself; it never touches storage. The sleep is
+//! injected (tokio's in production), so tests run on a virtual clock without sleeping.
 
+use std::future::Future;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -56,9 +57,10 @@ impl DemoPayload {
     /// Parses and validates a job payload (used at enqueue time for a 422, and again
     /// before running).
     pub fn from_json(value: &serde_json::Value) -> Result<DemoPayload, DemoError> {
+        // serde would also accept a JSON array as a struct (fields by position).
         if !value.is_object() {
             return Err(DemoError::InvalidPayload(
-                "invalid type: the payload must be a JSON object".into(),
+                "payload must be a JSON object".to_string(),
             ));
         }
         let payload = DemoPayload::deserialize(value)
@@ -90,7 +92,17 @@ pub async fn run_demo(
     payload: &DemoPayload,
     attempt: u32,
     cancel: CancellationToken,
+    progress: impl FnMut(u8, String),
+) -> Result<serde_json::Value, DemoError> {
+    run_demo_with_sleep(payload, attempt, cancel, progress, tokio::time::sleep).await
+}
+
+async fn run_demo_with_sleep<S: Future<Output = ()>>(
+    payload: &DemoPayload,
+    attempt: u32,
+    cancel: CancellationToken,
     mut progress: impl FnMut(u8, String),
+    mut sleep: impl FnMut(Duration) -> S,
 ) -> Result<serde_json::Value, DemoError> {
     payload.validate()?;
     // Injected failures happen before the first sleep so retries cycle quickly.
@@ -112,7 +124,7 @@ pub async fn run_demo(
             // Biased: a cancel that is already due wins over a zero-length sleep.
             biased;
             _ = cancel.cancelled() => return Err(DemoError::Canceled),
-            _ = tokio::time::sleep(step) => {}
+            () = sleep(step) => {}
         }
         let pct = u8::try_from(u64::from(i) * 100 / u64::from(payload.steps)).unwrap_or(100);
         progress(pct, format!("step {i}/{}", payload.steps));
@@ -124,11 +136,67 @@ pub async fn run_demo(
 mod tests {
     use super::*;
     use serde_json::json;
-    use tokio::time::Instant;
+    use std::cell::Cell;
 
     fn payload(v: serde_json::Value) -> DemoPayload {
         DemoPayload::from_json(&v).unwrap()
     }
+
+    /// A virtual clock: sleeping advances it instantly. Asked to sleep past `cancel_at`,
+    /// it moves to `cancel_at`, cancels `token` and never wakes, like a real sleep
+    /// interrupted by a cancel.
+    struct FakeClock {
+        now: Cell<Duration>,
+        cancel_at: Duration,
+        token: CancellationToken,
+    }
+
+    impl FakeClock {
+        fn new(cancel_at: Duration, token: &CancellationToken) -> Self {
+            FakeClock {
+                now: Cell::new(Duration::ZERO),
+                cancel_at,
+                token: token.clone(),
+            }
+        }
+
+        fn sleep(&self, d: Duration) -> impl Future<Output = ()> + use<> {
+            let wake = self.now.get() + d;
+            let interrupted = wake > self.cancel_at;
+            if interrupted {
+                self.now.set(self.cancel_at);
+                self.token.cancel();
+            } else {
+                self.now.set(wake);
+            }
+            async move {
+                if interrupted {
+                    std::future::pending::<()>().await
+                }
+            }
+        }
+    }
+
+    async fn run_fake(
+        p: &DemoPayload,
+        attempt: u32,
+        cancel_at: Duration,
+        seen: &mut Vec<(u8, String)>,
+    ) -> (Result<serde_json::Value, DemoError>, Duration) {
+        let cancel = CancellationToken::new();
+        let clock = FakeClock::new(cancel_at, &cancel);
+        let out = run_demo_with_sleep(
+            p,
+            attempt,
+            cancel,
+            |pct, msg| seen.push((pct, msg)),
+            |d| clock.sleep(d),
+        )
+        .await;
+        (out, clock.now.get())
+    }
+
+    const NEVER: Duration = Duration::MAX;
 
     #[test]
     fn payload_validation_table() {
@@ -157,7 +225,12 @@ mod tests {
             (json!({"step_ms": 5}), "missing field `steps`"),
             (json!({"steps": -1, "step_ms": 0}), "invalid value"),
             (json!({"steps": "3", "step_ms": 0}), "invalid type"),
-            (json!([1, 2]), "invalid type"),
+            (
+                json!({"steps": 1, "step_ms": 0, "fail_attempts": -2}),
+                "invalid value",
+            ),
+            (json!([1, 2]), "payload must be a JSON object"),
+            (json!(null), "payload must be a JSON object"),
         ];
         for (v, want) in bad {
             let err = DemoPayload::from_json(&v).unwrap_err();
@@ -167,18 +240,13 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn runs_all_steps_with_progress_and_virtual_time() {
+    #[tokio::test]
+    async fn runs_all_steps_with_progress_on_virtual_time() {
         let p = payload(json!({"steps": 4, "step_ms": 1000}));
-        let start = Instant::now();
         let mut seen = Vec::new();
-        let out = run_demo(&p, 1, CancellationToken::new(), |pct, msg| {
-            seen.push((pct, msg))
-        })
-        .await
-        .unwrap();
-        assert_eq!(out, json!({"steps": 4}));
-        assert_eq!(start.elapsed(), Duration::from_secs(4));
+        let (out, elapsed) = run_fake(&p, 1, NEVER, &mut seen).await;
+        assert_eq!(out.unwrap(), json!({"steps": 4}));
+        assert_eq!(elapsed, Duration::from_secs(4));
         let want: Vec<(u8, String)> = vec![
             (25, "step 1/4".into()),
             (50, "step 2/4".into()),
@@ -188,56 +256,62 @@ mod tests {
         assert_eq!(seen, want);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
+    async fn progress_rounds_down_and_ends_at_100() {
+        let p = payload(json!({"steps": 3, "step_ms": 0}));
+        let mut seen = Vec::new();
+        let (out, _) = run_fake(&p, 1, NEVER, &mut seen).await;
+        assert!(out.is_ok());
+        let pcts: Vec<u8> = seen.iter().map(|(p, _)| *p).collect();
+        assert_eq!(pcts, [33, 66, 100]);
+    }
+
+    #[tokio::test]
     async fn fails_retryably_while_attempt_at_most_fail_attempts() {
         let p = payload(json!({"steps": 2, "step_ms": 500, "fail_attempts": 2}));
         for attempt in 1..=2 {
-            let start = Instant::now();
-            let err = run_demo(&p, attempt, CancellationToken::new(), |_, _| {})
-                .await
-                .unwrap_err();
+            let mut seen = Vec::new();
+            let (out, elapsed) = run_fake(&p, attempt, NEVER, &mut seen).await;
+            let err = out.unwrap_err();
             assert!(matches!(err, DemoError::InjectedRetryable { .. }), "{err}");
-            assert_eq!(start.elapsed(), Duration::ZERO, "fails before sleeping");
-            assert!(JobFailure::from(err).is_retryable());
+            assert_eq!(elapsed, Duration::ZERO, "fails before sleeping");
+            assert!(seen.is_empty());
+            assert_eq!(
+                JobFailure::from(err),
+                JobFailure::Retryable(format!(
+                    "demo: injected failure on attempt {attempt} (fails while attempt <= 2)"
+                ))
+            );
         }
-        let out = run_demo(&p, 3, CancellationToken::new(), |_, _| {}).await;
+        let (out, _) = run_fake(&p, 3, NEVER, &mut Vec::new()).await;
         assert_eq!(out.unwrap(), json!({"steps": 2}));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn permanent_fail_after_retryable_failures() {
         let p =
             payload(json!({"steps": 2, "step_ms": 5, "fail_attempts": 1, "permanent_fail": true}));
-        let first = run_demo(&p, 1, CancellationToken::new(), |_, _| {}).await;
+        let (first, _) = run_fake(&p, 1, NEVER, &mut Vec::new()).await;
         assert!(matches!(first, Err(DemoError::InjectedRetryable { .. })));
-        let second = run_demo(&p, 2, CancellationToken::new(), |_, _| {})
-            .await
-            .unwrap_err();
+        let (second, _) = run_fake(&p, 2, NEVER, &mut Vec::new()).await;
+        let second = second.unwrap_err();
         assert!(matches!(second, DemoError::InjectedPermanent));
         assert!(matches!(JobFailure::from(second), JobFailure::Permanent(_)));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn cancel_ends_the_run_early() {
         let p = payload(json!({"steps": 10, "step_ms": 1000}));
-        let cancel = CancellationToken::new();
-        let trigger = cancel.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(2500)).await;
-            trigger.cancel();
-        });
-        let start = Instant::now();
-        let mut steps = 0;
-        let err = run_demo(&p, 1, cancel, |_, _| steps += 1)
-            .await
-            .unwrap_err();
+        let mut seen = Vec::new();
+        let (out, elapsed) = run_fake(&p, 1, Duration::from_millis(2500), &mut seen).await;
+        let err = out.unwrap_err();
         assert!(matches!(err, DemoError::Canceled));
-        assert_eq!(steps, 2);
-        assert_eq!(start.elapsed(), Duration::from_millis(2500));
+        assert_eq!(seen.len(), 2, "steps 1 and 2 completed");
+        assert_eq!(elapsed, Duration::from_millis(2500));
         assert_eq!(JobFailure::from(err), JobFailure::Canceled);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn already_canceled_token_wins_over_zero_sleep() {
         let p = payload(json!({"steps": 5, "step_ms": 0}));
         let cancel = CancellationToken::new();
@@ -250,7 +324,17 @@ mod tests {
         assert_eq!(calls, 0);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
+    async fn real_sleep_path_runs_to_completion() {
+        // step_ms 0: exercises tokio's sleep without waiting.
+        let p = payload(json!({"steps": 3, "step_ms": 0}));
+        let mut calls = 0;
+        let out = run_demo(&p, 1, CancellationToken::new(), |_, _| calls += 1).await;
+        assert_eq!(out.unwrap(), json!({"steps": 3}));
+        assert_eq!(calls, 3);
+    }
+
+    #[tokio::test]
     async fn run_rejects_an_unvalidated_payload() {
         let p = DemoPayload {
             steps: 0,

@@ -8,7 +8,9 @@
 //! Handlers are registered per kind and report progress to the [`hub::Hub`], which feeds
 //! the SSE streams.
 
+pub mod analyze;
 pub mod backoff;
+pub mod command;
 pub mod demo;
 pub mod hub;
 pub mod kinds;
@@ -64,6 +66,8 @@ pub struct JobContext {
     /// Cancelled when the job is canceled or its attempt times out.
     pub cancel: CancellationToken,
     pub progress: Progress,
+    /// The attempt's time limit (the kind's or the queue's); the worker enforces it too.
+    pub timeout: Duration,
 }
 
 /// A job kind's implementation.

@@ -184,6 +184,7 @@ async fn run_attempt(
                 payload,
                 cancel: cancel.clone(),
                 progress: progress.clone(),
+                timeout,
             };
             run_with_limits(
                 &state,

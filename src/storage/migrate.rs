@@ -9,10 +9,13 @@ use rusqlite::{Connection, TransactionBehavior};
 use super::StorageError;
 
 /// Every migration, in order. Append only; never edit one that has shipped.
-pub const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_foundation",
-    include_str!("../../migrations/0001_foundation.sql"),
-)];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_foundation",
+        include_str!("../../migrations/0001_foundation.sql"),
+    ),
+    ("0002_auth", include_str!("../../migrations/0002_auth.sql")),
+];
 
 /// The schema version this binary writes.
 pub fn latest_version() -> i64 {

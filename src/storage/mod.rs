@@ -5,6 +5,7 @@
 //! Services never write SQL: they call the typed functions of the submodules, composing
 //! several in one `write` closure when they must commit together.
 
+pub mod auth;
 pub mod jobs;
 pub mod migrate;
 pub mod users;

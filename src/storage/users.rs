@@ -226,3 +226,18 @@ pub fn revoke_user_sessions(
         .collect::<Result<Vec<String>, _>>()?;
     Ok(ids)
 }
+
+/// Revokes one session (used when its refresh family is compromised); returns its id if
+/// it was live.
+pub fn revoke_user_sessions_one(
+    conn: &Connection,
+    session_id: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<Vec<String>, StorageError> {
+    Ok(if revoke_session(conn, session_id, reason, now)? {
+        vec![session_id.to_string()]
+    } else {
+        Vec::new()
+    })
+}

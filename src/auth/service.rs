@@ -1,0 +1,569 @@
+//! The account flows: register, login, refresh rotation with reuse detection, logout,
+//! password change and reset, email verification, sessions. No HTTP here.
+//!
+//! Every flow that changes who may act commits its whole effect (user row, sessions,
+//! token version, audit entry, outgoing mail job) in ONE write, then invalidates the auth
+//! caches, so a revoked token fails on the very next request.
+
+use std::time::Duration;
+
+use super::password::{normalize_email, validate_new_password};
+use super::tokens::{hash_token, random_token};
+use super::{AuthError, Principal, TokenPair};
+use crate::state::AppState;
+use crate::storage::auth::{self as sa, AuditEntry};
+use crate::storage::users::{self, NewUser, UserRow};
+use crate::storage::{Conn, StorageError};
+
+/// Who is calling, for sessions, rate limits and the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct Client {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+const RESET_TTL: Duration = Duration::from_secs(3600);
+const VERIFY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn audit(
+    conn: &Conn,
+    user: Option<&str>,
+    event: &str,
+    client: &Client,
+    detail: Option<&str>,
+    now: i64,
+) -> Result<(), StorageError> {
+    sa::audit(
+        conn,
+        &AuditEntry {
+            user_id: user,
+            event,
+            ip: client.ip.as_deref(),
+            user_agent: client.user_agent.as_deref(),
+            detail,
+        },
+        now,
+    )
+}
+
+/// Applies the per-IP and per-email attempt limits.
+fn rate_limit(state: &AppState, client: &Client, email: Option<&str>) -> Result<(), AuthError> {
+    let limits = state.auth.limiters();
+    if let Some(ip) = &client.ip {
+        limits
+            .check(&format!("ip:{ip}"))
+            .map_err(AuthError::RateLimited)?;
+    }
+    if let Some(e) = email {
+        limits
+            .check(&format!("email:{e}"))
+            .map_err(AuthError::RateLimited)?;
+    }
+    Ok(())
+}
+
+pub async fn register(
+    state: &AppState,
+    client: &Client,
+    email: &str,
+    password: String,
+    name: Option<String>,
+) -> Result<(TokenPair, UserRow), AuthError> {
+    let email = normalize_email(email).map_err(AuthError::Invalid)?;
+    rate_limit(state, client, Some(&email))?;
+    validate_new_password(&password).map_err(AuthError::Invalid)?;
+    if let Some(n) = &name
+        && n.chars().count() > 200
+    {
+        return Err(AuthError::Invalid(
+            "name must be at most 200 characters".into(),
+        ));
+    }
+    let phc = state.auth.hasher().hash(password).await?;
+    let now = state.now_millis();
+    let auth = state.auth.clone();
+    let client2 = client.clone();
+    let verify_token = random_token();
+    let verify_hash = hash_token(&verify_token);
+    let link = format!(
+        "{}/#/verify?token={verify_token}",
+        state.config.public_base()
+    );
+    let mail_from = state.config.mail.from.clone();
+    let (pair, user) = state
+        .storage
+        .write(move |c| {
+            let id = crate::ids::new_id_at(now);
+            let user = users::insert_user(
+                c,
+                &NewUser {
+                    id: &id,
+                    email: &email,
+                    email_verified: false,
+                    name: name.as_deref(),
+                    password_hash: Some(&phc),
+                    role: None,
+                    now,
+                },
+            )
+            .map_err(|e| {
+                if e.is_unique_violation() {
+                    AuthError::EmailTaken
+                } else {
+                    e.into()
+                }
+            })?;
+            let pair = auth.create_session_in(
+                c,
+                &user.id,
+                user.token_version,
+                client2.user_agent.as_deref(),
+                client2.ip.as_deref(),
+            )?;
+            audit(c, Some(&user.id), "register", &client2, None, now)?;
+            sa::insert_one_time_token(c, &verify_hash, "verify_email", &user.id, now + VERIFY_TTL.as_millis() as i64, now)?;
+            super::mail::enqueue_in(
+                c,
+                &super::mail::Mail {
+                    to: user.email.clone(),
+                    from: mail_from,
+                    subject: "Confirm your email address".into(),
+                    body: format!("Welcome to warpbase.\n\nConfirm your email address by opening:\n{link}\n\nThe link is valid for 24 hours."),
+                },
+                now,
+            )?;
+            Ok::<_, AuthError>((pair, user))
+        })
+        .await?;
+    state.jobs.notify(super::mail::QUEUE);
+    Ok((pair, user))
+}
+
+pub async fn login(
+    state: &AppState,
+    client: &Client,
+    email: &str,
+    password: String,
+) -> Result<(TokenPair, UserRow), AuthError> {
+    // A malformed email is just a failed login: no hint about what is wrong.
+    let email = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
+    rate_limit(state, client, Some(&email))?;
+    if password.len() > super::password::MAX_PASSWORD_BYTES {
+        return Err(AuthError::InvalidCredentials);
+    }
+    let lookup = email.clone();
+    let user = state
+        .storage
+        .read(move |c| users::get_user_by_email(c, &lookup))
+        .await?;
+    let phc = user.as_ref().and_then(|u| u.password_hash.clone());
+    let ok = state
+        .auth
+        .hasher()
+        .verify(password.clone(), phc.clone())
+        .await?;
+    let now = state.now_millis();
+    let user = match user {
+        Some(u) if ok && !u.disabled => u,
+        other => {
+            let uid = other.map(|u| u.id);
+            let client2 = client.clone();
+            state
+                .storage
+                .write(move |c| audit(c, uid.as_deref(), "login_failed", &client2, None, now))
+                .await?;
+            return Err(AuthError::InvalidCredentials);
+        }
+    };
+    // Upgrade hashes made with weaker parameters while we hold the plaintext.
+    let rehash = match &phc {
+        Some(p) if super::password::needs_rehash(p) => {
+            state.auth.hasher().hash(password).await.ok()
+        }
+        _ => None,
+    };
+    let auth = state.auth.clone();
+    let client2 = client.clone();
+    let uid = user.id.clone();
+    let pair = state
+        .storage
+        .write(move |c| {
+            if let Some(phc) = &rehash {
+                sa::set_password(c, &uid, phc, now)?;
+            }
+            let fresh = users::get_user(c, &uid)?.ok_or(AuthError::InvalidCredentials)?;
+            let pair = auth.create_session_in(
+                c,
+                &uid,
+                fresh.token_version,
+                client2.user_agent.as_deref(),
+                client2.ip.as_deref(),
+            )?;
+            audit(c, Some(&uid), "login", &client2, None, now)?;
+            Ok::<_, AuthError>(pair)
+        })
+        .await?;
+    Ok((pair, user))
+}
+
+enum RefreshOutcome {
+    Rotated(TokenPair, UserRow),
+    Reused {
+        revoked: Vec<String>,
+        user_id: String,
+    },
+    Forgiven,
+    Invalid,
+}
+
+/// Rotates a refresh token. Presenting a token that was already rotated away means it
+/// leaked or raced: the whole session is revoked (unless within `refresh_reuse_window`,
+/// where the request is refused but the session kept).
+pub async fn refresh(
+    state: &AppState,
+    client: &Client,
+    token: &str,
+) -> Result<(TokenPair, UserRow), AuthError> {
+    if token.is_empty() || token.len() > 256 {
+        return Err(AuthError::InvalidGrant);
+    }
+    let old_hash = hash_token(token);
+    let now = state.now_millis();
+    let ttl = state.config.auth.refresh_ttl.as_millis() as i64;
+    let window = state.config.auth.refresh_reuse_window.as_millis() as i64;
+    let auth = state.auth.clone();
+    let client2 = client.clone();
+    let outcome = state
+        .storage
+        .write(move |c| -> Result<RefreshOutcome, AuthError> {
+            if let Some(t) = sa::session_by_refresh(c, &old_hash)? {
+                if t.revoked {
+                    return Ok(RefreshOutcome::Invalid);
+                }
+                if t.expires_at <= now {
+                    return Ok(RefreshOutcome::Invalid);
+                }
+                let user = users::get_user(c, &t.user_id)?.ok_or(AuthError::InvalidGrant)?;
+                if user.disabled {
+                    return Ok(RefreshOutcome::Invalid);
+                }
+                let new = random_token();
+                sa::rotate_refresh(
+                    c,
+                    &sa::Rotation {
+                        session_id: &t.session_id,
+                        old_hash: &old_hash,
+                        new_hash: &hash_token(&new),
+                        expires_at: now + ttl,
+                        ip: client2.ip.as_deref(),
+                        user_agent: client2.user_agent.as_deref(),
+                    },
+                    now,
+                )?;
+                let pair = auth.token_pair(&user.id, &t.session_id, user.token_version, new);
+                return Ok(RefreshOutcome::Rotated(pair, user));
+            }
+            if let Some((sid, uid, rotated_at)) = sa::rotated_refresh(c, &old_hash)? {
+                if window > 0 && now - rotated_at <= window {
+                    audit(
+                        c,
+                        Some(&uid),
+                        "refresh_reuse_forgiven",
+                        &client2,
+                        Some(&sid),
+                        now,
+                    )?;
+                    return Ok(RefreshOutcome::Forgiven);
+                }
+                let revoked = users::revoke_user_sessions_one(c, &sid, "refresh_reused", now)?;
+                audit(c, Some(&uid), "refresh_reused", &client2, Some(&sid), now)?;
+                return Ok(RefreshOutcome::Reused {
+                    revoked,
+                    user_id: uid,
+                });
+            }
+            Ok(RefreshOutcome::Invalid)
+        })
+        .await?;
+    match outcome {
+        RefreshOutcome::Rotated(pair, user) => Ok((pair, user)),
+        RefreshOutcome::Reused { revoked, user_id } => {
+            state.auth.invalidate_sessions(&revoked).await;
+            state.auth.invalidate_user(&user_id).await;
+            Err(AuthError::RefreshReused)
+        }
+        RefreshOutcome::Forgiven => Err(AuthError::RefreshReused),
+        RefreshOutcome::Invalid => Err(AuthError::InvalidGrant),
+    }
+}
+
+pub async fn logout(state: &AppState, who: &Principal, client: &Client) -> Result<(), AuthError> {
+    let now = state.now_millis();
+    let sid = who.session_id.clone();
+    let uid = who.user_id.clone();
+    let client2 = client.clone();
+    state
+        .storage
+        .write(move |c| {
+            users::revoke_session(c, &sid, "logout", now)?;
+            audit(c, Some(&uid), "logout", &client2, None, now)?;
+            Ok::<_, AuthError>(())
+        })
+        .await?;
+    state
+        .auth
+        .invalidate_sessions(std::slice::from_ref(&who.session_id))
+        .await;
+    Ok(())
+}
+
+/// Ends every session and access token of the user at once.
+pub async fn logout_all(
+    state: &AppState,
+    who: &Principal,
+    client: &Client,
+) -> Result<(), AuthError> {
+    let now = state.now_millis();
+    let uid = who.user_id.clone();
+    let client2 = client.clone();
+    let revoked = state
+        .storage
+        .write(move |c| {
+            users::bump_token_version(c, &uid, now)?;
+            let ids = users::revoke_user_sessions(c, &uid, None, "logout_all", now)?;
+            audit(c, Some(&uid), "logout_all", &client2, None, now)?;
+            Ok::<_, AuthError>(ids)
+        })
+        .await?;
+    state.auth.invalidate_user(&who.user_id).await;
+    state.auth.invalidate_sessions(&revoked).await;
+    Ok(())
+}
+
+/// Changes the password; every other session and every earlier access token stop
+/// working. Returns fresh tokens for the calling client (its session continues).
+pub async fn change_password(
+    state: &AppState,
+    who: &Principal,
+    client: &Client,
+    current: String,
+    new: String,
+) -> Result<(TokenPair, UserRow), AuthError> {
+    validate_new_password(&new).map_err(AuthError::Invalid)?;
+    let uid = who.user_id.clone();
+    let user = state
+        .storage
+        .read(move |c| users::get_user(c, &uid))
+        .await?
+        .ok_or(AuthError::Unauthorized)?;
+    if user.password_hash.is_some() {
+        rate_limit(state, client, Some(&user.email))?;
+        if !state
+            .auth
+            .hasher()
+            .verify(current, user.password_hash.clone())
+            .await?
+        {
+            return Err(AuthError::InvalidCredentials);
+        }
+    }
+    let phc = state.auth.hasher().hash(new).await?;
+    let now = state.now_millis();
+    let ttl = state.config.auth.refresh_ttl.as_millis() as i64;
+    let auth = state.auth.clone();
+    let client2 = client.clone();
+    let uid = who.user_id.clone();
+    let sid = who.session_id.clone();
+    let (pair, revoked, user) = state
+        .storage
+        .write(move |c| {
+            sa::set_password(c, &uid, &phc, now)?;
+            let version = users::bump_token_version(c, &uid, now)?;
+            let revoked =
+                users::revoke_user_sessions(c, &uid, Some(&sid), "password_changed", now)?;
+            // The calling client keeps its session but gets a new refresh token too.
+            let new = random_token();
+            let current = sa::current_refresh_hash(c, &sid)?.ok_or(AuthError::SessionRevoked)?;
+            sa::rotate_refresh(
+                c,
+                &sa::Rotation {
+                    session_id: &sid,
+                    old_hash: &current,
+                    new_hash: &hash_token(&new),
+                    expires_at: now + ttl,
+                    ip: client2.ip.as_deref(),
+                    user_agent: client2.user_agent.as_deref(),
+                },
+                now,
+            )?;
+            audit(c, Some(&uid), "password_changed", &client2, None, now)?;
+            let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
+            Ok::<_, AuthError>((auth.token_pair(&uid, &sid, version, new), revoked, user))
+        })
+        .await?;
+    state.auth.invalidate_user(&who.user_id).await;
+    state.auth.invalidate_sessions(&revoked).await;
+    Ok((pair, user))
+}
+
+/// Always succeeds (no account enumeration); mails a one-time link if the account exists.
+pub async fn request_password_reset(
+    state: &AppState,
+    client: &Client,
+    email: &str,
+) -> Result<(), AuthError> {
+    let Ok(email) = normalize_email(email) else {
+        return Ok(());
+    };
+    rate_limit(state, client, Some(&email))?;
+    let token = random_token();
+    let hash = hash_token(&token);
+    let link = format!("{}/#/reset?token={token}", state.config.public_base());
+    let now = state.now_millis();
+    let from = state.config.mail.from.clone();
+    let client2 = client.clone();
+    let sent = state
+        .storage
+        .write(move |c| {
+            let Some(user) = users::get_user_by_email(c, &email)? else {
+                return Ok::<_, AuthError>(false);
+            };
+            sa::insert_one_time_token(c, &hash, "password_reset", &user.id, now + RESET_TTL.as_millis() as i64, now)?;
+            audit(c, Some(&user.id), "password_reset_requested", &client2, None, now)?;
+            super::mail::enqueue_in(
+                c,
+                &super::mail::Mail {
+                    to: user.email,
+                    from,
+                    subject: "Reset your password".into(),
+                    body: format!("Someone asked to reset the password of this account.\n\nTo choose a new password, open:\n{link}\n\nThe link is valid for one hour. If it was not you, ignore this mail."),
+                },
+                now,
+            )?;
+            Ok(true)
+        })
+        .await?;
+    if sent {
+        state.jobs.notify(super::mail::QUEUE);
+    }
+    Ok(())
+}
+
+/// Sets a new password from a reset token; every session of the user is revoked.
+pub async fn reset_password(
+    state: &AppState,
+    client: &Client,
+    token: &str,
+    new: String,
+) -> Result<(), AuthError> {
+    validate_new_password(&new).map_err(AuthError::Invalid)?;
+    let phc = state.auth.hasher().hash(new).await?;
+    let hash = hash_token(token);
+    let now = state.now_millis();
+    let client2 = client.clone();
+    let (uid, revoked) = state
+        .storage
+        .write(move |c| {
+            let uid = sa::consume_one_time_token(c, &hash, "password_reset", now)?
+                .ok_or(AuthError::InvalidGrant)?;
+            sa::set_password(c, &uid, &phc, now)?;
+            // Receiving the mail proves the address.
+            sa::set_email_verified(c, &uid, now)?;
+            users::bump_token_version(c, &uid, now)?;
+            let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
+            audit(c, Some(&uid), "password_reset", &client2, None, now)?;
+            Ok::<_, AuthError>((uid, revoked))
+        })
+        .await?;
+    state.auth.invalidate_user(&uid).await;
+    state.auth.invalidate_sessions(&revoked).await;
+    Ok(())
+}
+
+pub async fn request_verification(state: &AppState, who: &Principal) -> Result<(), AuthError> {
+    let token = random_token();
+    let hash = hash_token(&token);
+    let link = format!("{}/#/verify?token={token}", state.config.public_base());
+    let now = state.now_millis();
+    let from = state.config.mail.from.clone();
+    let uid = who.user_id.clone();
+    let sent = state
+        .storage
+        .write(move |c| {
+            let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
+            if user.email_verified {
+                return Ok::<_, AuthError>(false);
+            }
+            sa::insert_one_time_token(c, &hash, "verify_email", &uid, now + VERIFY_TTL.as_millis() as i64, now)?;
+            super::mail::enqueue_in(
+                c,
+                &super::mail::Mail {
+                    to: user.email,
+                    from,
+                    subject: "Confirm your email address".into(),
+                    body: format!("Confirm your email address by opening:\n{link}\n\nThe link is valid for 24 hours."),
+                },
+                now,
+            )?;
+            Ok(true)
+        })
+        .await?;
+    if sent {
+        state.jobs.notify(super::mail::QUEUE);
+    }
+    Ok(())
+}
+
+pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError> {
+    let hash = hash_token(token);
+    let now = state.now_millis();
+    state
+        .storage
+        .write(move |c| {
+            let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
+                .ok_or(AuthError::InvalidGrant)?;
+            sa::set_email_verified(c, &uid, now)?;
+            audit(
+                c,
+                Some(&uid),
+                "email_verified",
+                &Client::default(),
+                None,
+                now,
+            )?;
+            Ok::<_, AuthError>(())
+        })
+        .await
+}
+
+pub async fn revoke_session(
+    state: &AppState,
+    who: &Principal,
+    client: &Client,
+    session_id: &str,
+) -> Result<(), AuthError> {
+    let now = state.now_millis();
+    let sid = session_id.to_string();
+    let uid = who.user_id.clone();
+    let client2 = client.clone();
+    let found = state
+        .storage
+        .write(move |c| {
+            match users::session_live(c, &sid)? {
+                Some((owner, true)) if owner == uid => {}
+                _ => return Ok::<_, AuthError>(false),
+            }
+            users::revoke_session(c, &sid, "revoked_by_user", now)?;
+            audit(c, Some(&uid), "session_revoked", &client2, Some(&sid), now)?;
+            Ok(true)
+        })
+        .await?;
+    if !found {
+        return Err(AuthError::NotFound);
+    }
+    state
+        .auth
+        .invalidate_sessions(&[session_id.to_string()])
+        .await;
+    Ok(())
+}
