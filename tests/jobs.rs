@@ -862,3 +862,132 @@ fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
     });
     server.kill9();
 }
+
+fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
+    let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(enc);
+    for (name, body) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, name, body.as_bytes())
+            .expect("append");
+    }
+    tar.into_inner().expect("tar").finish().expect("gz")
+}
+
+#[tokio::test]
+async fn upload_then_analyze_counts_languages() {
+    let (app, user) = start().await;
+    let archive = tar_gz(&[
+        (
+            "src/main.rs",
+            "// entry\nfn main() {\n    println!(\"hi\");\n}\n",
+        ),
+        ("tools/x.py", "# tool\nimport os\n\nprint(os.name)\n"),
+    ]);
+    let r = app
+        .client
+        .post(app.url("/api/v1/uploads"))
+        .bearer_auth(&user.access_token)
+        .header("content-type", "application/gzip")
+        .body(archive.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(r.status(), 201);
+    let up: Value = r.json().await.expect("json");
+    assert_eq!(up["size"], archive.len());
+    assert_eq!(up["sha256"].as_str().expect("sha").len(), 64);
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "analyze", "payload": {"upload_id": up["id"]}}),
+    )
+    .await;
+    let done = wait_status(&app, &user, j["id"].as_str().expect("id"), "succeeded").await;
+    let langs = done["result"]["languages"].as_array().expect("languages");
+    let rust = langs
+        .iter()
+        .find(|l| l["name"] == "Rust")
+        .expect("Rust counted");
+    assert_eq!(rust["files"], 1);
+    assert_eq!(rust["code"], 3);
+    assert_eq!(rust["comments"], 1);
+    let py = langs
+        .iter()
+        .find(|l| l["name"] == "Python")
+        .expect("Python counted");
+    assert_eq!(py["code"], 2);
+
+    // Someone else cannot analyze this upload; an over-limit upload is refused.
+    let other = app.create_user("other@example.com").await;
+    let r = app
+        .post_json(
+            "/api/v1/jobs",
+            Some(&other.access_token),
+            &json!({"kind": "analyze", "payload": {"upload_id": up["id"]}}),
+        )
+        .await;
+    expect_problem(r, 422, "invalid_input").await;
+    let r = app
+        .client
+        .post(app.url("/api/v1/uploads"))
+        .bearer_auth(&user.access_token)
+        .body(vec![0u8; (1 << 20) + 1])
+        .send()
+        .await
+        .expect("upload");
+    expect_problem(r, 413, "payload_too_large").await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_command_kind_runs_a_program_end_to_end() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("job.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nread payload\necho \"PROGRESS 50 halfway\"\ncase \"$payload\" in\n  *fail*) echo 'bad input' >&2; exit 65;;\nesac\necho \"{\\\"echo\\\": $payload, \\\"attempt\\\": $WARPBASE_JOB_ATTEMPT}\"\n",
+    )
+    .expect("script");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let script_path = script.to_string_lossy().to_string();
+    let app = TestApp::start_with(
+        move |c| {
+            generous_free_plan(c);
+            c.jobs.kinds.insert(
+                "echo".into(),
+                warpbase::config::KindConfig {
+                    queue: Some("fast".into()),
+                    command: vec![script_path],
+                    timeout: Some(Duration::from_secs(10)),
+                    max_attempts: None,
+                },
+            );
+        },
+        AppOptions::default(),
+    )
+    .await;
+    let user = app.create_user("cmd@example.com").await;
+    let j = submit(&app, &user, json!({"kind": "echo", "payload": {"n": 7}})).await;
+    let done = wait_status(&app, &user, j["id"].as_str().expect("id"), "succeeded").await;
+    assert_eq!(done["result"], json!({"echo": {"n": 7}, "attempt": 1}));
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "echo", "payload": {"fail": true}}),
+    )
+    .await;
+    let dead = wait_status(&app, &user, j["id"].as_str().expect("id"), "dead").await;
+    assert_eq!(dead["attempt"], 1, "exit 65 is permanent");
+    assert!(
+        dead["error"].as_str().expect("error").contains("bad input"),
+        "{dead}"
+    );
+    app.shutdown().await;
+}
