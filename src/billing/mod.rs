@@ -4,6 +4,7 @@
 //! The webhook pipeline, the state engine and the Stripe clients land on top of this.
 
 pub mod routes;
+pub mod stripe;
 
 use std::sync::Arc;
 
