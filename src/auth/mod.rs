@@ -136,8 +136,10 @@ struct Inner {
 
 impl Auth {
     pub fn new(config: &Config, storage: Storage, clock: SharedClock, jwt_secret: &[u8]) -> Auth {
-        // The TTL is only a safety net; correctness comes from invalidation after commit.
-        let cache_ttl = Duration::from_secs(300);
+        // Correctness comes from invalidation after each commit in this process; the TTL
+        // bounds how long a change made by another process (the `warpbase user` CLI on
+        // the same database) takes to apply.
+        let cache_ttl = Duration::from_secs(30);
         Auth {
             inner: Arc::new(Inner {
                 storage,

@@ -6,6 +6,7 @@
 //! several in one `write` closure when they must commit together.
 
 pub mod auth;
+pub mod billing;
 pub mod jobs;
 pub mod migrate;
 pub mod users;
