@@ -86,14 +86,28 @@ impl App {
             clock.clone(),
             jwt_secret.as_bytes(),
         );
-        let billing = billing::Billing::new(&config);
-        let mut kinds = vec![auth::mail::kind_spec()];
+        let fake_webhook_secret =
+            secrets::load_or_generate(&data_dir, "stripe_webhook.key", "whsec_")
+                .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
+        let billing =
+            billing::Billing::new(&config, storage.clone(), clock.clone(), fake_webhook_secret)
+                .context("cannot set up the Stripe client")?;
+        let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
         kinds.extend(opts.extra_kinds);
         let jobs = jobs::Jobs::new(&config, kinds);
         let state = AppState::new(config.clone(), storage, clock, auth, billing, jobs, metrics);
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        // The fake Stripe delivers its webhooks to this very process, over loopback.
+        if let Ok(addr) = listener.local_addr() {
+            let host = if addr.ip().is_unspecified() {
+                std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+            } else {
+                addr
+            };
+            state.billing.set_self_url(format!("http://{host}"));
+        }
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)

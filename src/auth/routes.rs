@@ -58,7 +58,7 @@ pub struct UserView {
 
 impl UserView {
     pub async fn build(state: &AppState, row: UserRow) -> ApiResult<UserView> {
-        let plan = state.billing.entitlement(&row.id).await;
+        let plan = crate::billing::routes::entitlement_with_usage(state, &row.id).await?;
         let uid = row.id.clone();
         let identities = state
             .storage

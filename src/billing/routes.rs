@@ -1,17 +1,36 @@
-//! HTTP routes of billing.
+//! HTTP routes of billing (see docs/API.md "Billing").
 
 use axum::Router;
-use axum::extract::State;
-use axum::routing::get;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::stripe::CheckoutRequest;
+use super::{BillingError, Usage};
+use crate::auth::{AdminUser, AuthUser};
+use crate::error::{ApiError, ApiResult};
+use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
+use crate::storage::billing as sb;
+use crate::storage::jobs as q;
+use crate::storage::users;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/api/v1/billing/plans", get(plans))
+    Router::new()
+        .route("/api/v1/billing/plans", get(plans))
+        .route("/api/v1/billing/checkout", post(checkout))
+        .route("/api/v1/billing/portal", post(portal))
+        .route("/api/v1/billing/subscription", get(subscription))
+        .route("/api/v1/billing/webhook", post(webhook))
+        .route("/api/v1/admin/billing/events", get(events))
+        .route("/api/v1/admin/billing/events/{id}/replay", post(replay))
+        .merge(super::fake::router())
 }
 
-async fn plans(State(state): State<AppState>) -> axum::Json<Value> {
+async fn plans(State(state): State<AppState>) -> Json<Value> {
     let items: Vec<Value> = state
         .billing
         .plans()
@@ -23,5 +42,228 @@ async fn plans(State(state): State<AppState>) -> axum::Json<Value> {
             })
         })
         .collect();
-    axum::Json(json!({ "items": items }))
+    Json(json!({ "items": items }))
+}
+
+/// The entitlement with this period's usage counted.
+pub async fn entitlement_with_usage(
+    state: &AppState,
+    user_id: &str,
+) -> ApiResult<super::Entitlement> {
+    let mut ent = state.billing.entitlement(user_id).await;
+    let uid = user_id.to_string();
+    let since = ent.period_start;
+    let used = state
+        .storage
+        .read(move |c| q::count_created_since(c, &uid, since))
+        .await?;
+    ent.usage = Some(Usage {
+        jobs_this_period: used,
+        period_start: since,
+    });
+    Ok(ent)
+}
+
+async fn subscription(
+    State(state): State<AppState>,
+    AuthUser(p): AuthUser,
+) -> ApiResult<Json<super::Entitlement>> {
+    Ok(Json(entitlement_with_usage(&state, &p.user_id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    plan: String,
+}
+
+async fn checkout(
+    State(state): State<AppState>,
+    AuthUser(p): AuthUser,
+    Json(b): Json<CheckoutBody>,
+) -> ApiResult<Json<Value>> {
+    let billing = &state.billing;
+    let plan = billing
+        .plan(&b.plan)
+        .filter(|pl| pl.id != super::engine::FREE_PLAN)
+        .cloned()
+        .ok_or_else(|| BillingError::Invalid(format!("unknown paid plan {:?}", b.plan)))?;
+    if plan.price_id.is_empty() {
+        return Err(BillingError::Invalid(format!(
+            "plan {:?} has no Stripe price_id configured",
+            plan.id
+        ))
+        .into());
+    }
+    let ent = billing.entitlement(&p.user_id).await;
+    if ent.plan != super::engine::FREE_PLAN {
+        return Err(BillingError::AlreadySubscribed.into());
+    }
+    let customer = ensure_customer(&state, &p.user_id).await?;
+    let base = billing.public_base();
+    let session = billing
+        .stripe()
+        .create_checkout_session(&CheckoutRequest {
+            customer,
+            price_id: plan.price_id.clone(),
+            user_id: p.user_id.clone(),
+            plan: plan.id.clone(),
+            success_url: format!("{base}/#/billing?checkout=success"),
+            cancel_url: format!("{base}/#/billing?checkout=canceled"),
+            idempotency_key: crate::ids::new_id(),
+        })
+        .await
+        .map_err(BillingError::from)?;
+    Ok(Json(json!({ "id": session.id, "url": session.url })))
+}
+
+/// The user's Stripe customer, created once and reused. Creating it is idempotent per
+/// user at Stripe; locally the first stored link wins.
+async fn ensure_customer(state: &AppState, user_id: &str) -> ApiResult<String> {
+    let uid = user_id.to_string();
+    let (existing, email) = state
+        .storage
+        .read(move |c| {
+            let cus = sb::customer_of_user(c, &uid)?;
+            let email = users::get_user(c, &uid)?.map(|u| u.email);
+            Ok::<_, crate::storage::StorageError>((cus, email))
+        })
+        .await?;
+    if let Some(c) = existing {
+        return Ok(c);
+    }
+    let email = email.ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
+    let created = state
+        .billing
+        .stripe()
+        .create_customer(&email, user_id, &format!("warpbase-customer-{user_id}"))
+        .await
+        .map_err(BillingError::from)?;
+    let uid = user_id.to_string();
+    let now = state.now_millis();
+    let cus = created.clone();
+    let stored = state
+        .storage
+        .write(move |c| {
+            sb::link_customer(c, &uid, &cus, now)?;
+            sb::customer_of_user(c, &uid)
+        })
+        .await?;
+    Ok(stored.unwrap_or(created))
+}
+
+async fn portal(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<Json<Value>> {
+    let uid = p.user_id.clone();
+    let customer = state
+        .storage
+        .read(move |c| sb::customer_of_user(c, &uid))
+        .await?
+        .ok_or_else(|| {
+            BillingError::Conflict(
+                "there is no billing account yet; subscribe to a plan first".into(),
+            )
+        })?;
+    let url = state
+        .billing
+        .stripe()
+        .create_portal_session(
+            &customer,
+            &format!("{}/#/billing", state.billing.public_base()),
+        )
+        .await
+        .map_err(BillingError::from)?;
+    Ok(Json(json!({ "url": url })))
+}
+
+async fn webhook(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let sig = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    let p = state.billing.handle_webhook(&body, sig).await?;
+    if p.status == "applied" {
+        // A payment-failure mail may have been enqueued with the change.
+        state.jobs.notify(crate::auth::mail::QUEUE);
+    }
+    Ok(Json(
+        json!({ "received": true, "duplicate": p.duplicate, "status": p.status }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn events(
+    State(state): State<AppState>,
+    AdminUser(_): AdminUser,
+    Query(qy): Query<EventsQuery>,
+) -> ApiResult<Json<Value>> {
+    if let Some(s) = &qy.status
+        && !["applied", "ignored", "stale", "failed"].contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "status must be one of applied, ignored, stale, failed",
+        ));
+    }
+    let limit = page_limit(qy.limit)?;
+    let before = match &qy.cursor {
+        Some(c) => {
+            let (t, id) = c
+                .split_once(':')
+                .ok_or_else(|| ApiError::bad_request("malformed cursor"))?;
+            Some((
+                t.parse::<i64>()
+                    .map_err(|_| ApiError::bad_request("malformed cursor"))?,
+                id.to_string(),
+            ))
+        }
+        None => None,
+    };
+    let status = qy.status.clone();
+    let mut rows = state
+        .storage
+        .read(move |c| {
+            sb::list_events(
+                c,
+                status.as_deref(),
+                before.as_ref().map(|(t, id)| (*t, id.as_str())),
+                limit + 1,
+            )
+        })
+        .await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = more
+        .then(|| rows.last().map(|r| format!("{}:{}", r.received_at, r.id)))
+        .flatten();
+    let items: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            json!({
+                "id": r.id, "type": r.event_type, "status": r.status, "reason": r.reason,
+                "user_id": r.user_id, "attempts": r.attempts,
+                "created": crate::clock::rfc3339(r.created * 1000),
+                "received_at": crate::clock::rfc3339(r.received_at),
+                "processed_at": crate::clock::rfc3339(r.processed_at),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "items": items, "next_cursor": next })))
+}
+
+async fn replay(
+    State(state): State<AppState>,
+    AdminUser(_): AdminUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let p = state.billing.replay(&id).await?;
+    Ok(Json(json!({ "id": id, "status": p.status })))
 }

@@ -97,7 +97,10 @@ pub trait StripeApi: Send + Sync + 'static {
         return_url: &'a str,
     ) -> BoxFuture<'a, Result<String, StripeError>>;
 
-    fn report_usage<'a>(&'a self, report: &'a UsageReport) -> BoxFuture<'a, Result<(), StripeError>>;
+    fn report_usage<'a>(
+        &'a self,
+        report: &'a UsageReport,
+    ) -> BoxFuture<'a, Result<(), StripeError>>;
 
     /// Every subscription of a customer, any status.
     fn list_subscriptions<'a>(

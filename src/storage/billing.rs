@@ -12,7 +12,10 @@ pub fn customer_of_user(conn: &Connection, user_id: &str) -> Result<Option<Strin
         .optional()?)
 }
 
-pub fn user_of_customer(conn: &Connection, customer_id: &str) -> Result<Option<String>, StorageError> {
+pub fn user_of_customer(
+    conn: &Connection,
+    customer_id: &str,
+) -> Result<Option<String>, StorageError> {
     Ok(conn
         .prepare_cached("SELECT user_id FROM billing_customers WHERE customer_id = ?1")?
         .query_row([customer_id], |r| r.get(0))
@@ -20,7 +23,12 @@ pub fn user_of_customer(conn: &Connection, customer_id: &str) -> Result<Option<S
 }
 
 /// Links a customer to a user; keeps an existing link (the first customer wins).
-pub fn link_customer(conn: &Connection, user_id: &str, customer_id: &str, now: Millis) -> Result<(), StorageError> {
+pub fn link_customer(
+    conn: &Connection,
+    user_id: &str,
+    customer_id: &str,
+    now: Millis,
+) -> Result<(), StorageError> {
     conn.execute(
         "INSERT INTO billing_customers (user_id, customer_id, created_at) VALUES (?1, ?2, ?3)
          ON CONFLICT DO NOTHING",
@@ -31,7 +39,8 @@ pub fn link_customer(conn: &Connection, user_id: &str, customer_id: &str, now: M
 
 /// Every (user, customer) pair, for reconciliation.
 pub fn all_customers(conn: &Connection) -> Result<Vec<(String, String)>, StorageError> {
-    let mut stmt = conn.prepare("SELECT user_id, customer_id FROM billing_customers ORDER BY user_id")?;
+    let mut stmt =
+        conn.prepare("SELECT user_id, customer_id FROM billing_customers ORDER BY user_id")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<Vec<_>, _>>()?;
@@ -62,12 +71,22 @@ pub fn save_state(conn: &Connection, s: &StateRow<'_>, now: Millis) -> Result<()
              plan = excluded.plan, subscription_id = excluded.subscription_id,
              updated_at = excluded.updated_at",
     )?
-    .execute(params![s.user_id, s.state_json, s.status, s.plan, s.subscription_id, now])?;
+    .execute(params![
+        s.user_id,
+        s.state_json,
+        s.status,
+        s.plan,
+        s.subscription_id,
+        now
+    ])?;
     Ok(())
 }
 
 /// The user whose state follows this subscription.
-pub fn user_of_subscription(conn: &Connection, subscription_id: &str) -> Result<Option<String>, StorageError> {
+pub fn user_of_subscription(
+    conn: &Connection,
+    subscription_id: &str,
+) -> Result<Option<String>, StorageError> {
     Ok(conn
         .prepare_cached("SELECT user_id FROM billing_state WHERE subscription_id = ?1")?
         .query_row([subscription_id], |r| r.get(0))
@@ -94,7 +113,11 @@ pub struct EventRecord<'a> {
 
 /// Records the outcome of processing an event: a new row, or an update of a row that
 /// failed before (a retried delivery or an admin replay).
-pub fn record_event(conn: &Connection, e: &EventRecord<'_>, now: Millis) -> Result<(), StorageError> {
+pub fn record_event(
+    conn: &Connection,
+    e: &EventRecord<'_>,
+    now: Millis,
+) -> Result<(), StorageError> {
     conn.prepare_cached(
         "INSERT INTO stripe_events (id, type, created, status, reason, user_id, payload, received_at, processed_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
@@ -120,7 +143,8 @@ pub struct EventRow {
     pub attempts: u32,
 }
 
-const EVENT_COLS: &str = "id, type, created, status, reason, user_id, payload, received_at, processed_at, attempts";
+const EVENT_COLS: &str =
+    "id, type, created, status, reason, user_id, payload, received_at, processed_at, attempts";
 
 fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
     Ok(EventRow {
@@ -139,7 +163,11 @@ fn event_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
 
 pub fn get_event(conn: &Connection, id: &str) -> Result<Option<EventRow>, StorageError> {
     Ok(conn
-        .query_row(&format!("SELECT {EVENT_COLS} FROM stripe_events WHERE id = ?1"), [id], event_from_row)
+        .query_row(
+            &format!("SELECT {EVENT_COLS} FROM stripe_events WHERE id = ?1"),
+            [id],
+            event_from_row,
+        )
         .optional()?)
 }
 
@@ -164,7 +192,8 @@ pub fn list_events(
 
 /// Counts events by (type, status), for metrics and tests.
 pub fn count_events(conn: &Connection) -> Result<Vec<(String, String, u64)>, StorageError> {
-    let mut stmt = conn.prepare("SELECT type, status, COUNT(*) FROM stripe_events GROUP BY type, status")?;
+    let mut stmt =
+        conn.prepare("SELECT type, status, COUNT(*) FROM stripe_events GROUP BY type, status")?;
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<Vec<_>, _>>()?;
@@ -240,7 +269,10 @@ pub struct FakeSubscription {
     pub created: i64,
 }
 
-pub fn upsert_fake_subscription(conn: &Connection, s: &FakeSubscription) -> Result<(), StorageError> {
+pub fn upsert_fake_subscription(
+    conn: &Connection,
+    s: &FakeSubscription,
+) -> Result<(), StorageError> {
     conn.execute(
         "INSERT INTO fake_subscriptions (id, customer_id, user_id, plan, price_id, status,
              current_period_start, current_period_end, cancel_at_period_end, created)
@@ -282,7 +314,10 @@ fn fake_sub_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FakeSubscription
 
 const FAKE_SUB_COLS: &str = "id, customer_id, user_id, plan, price_id, status, current_period_start, current_period_end, cancel_at_period_end, created";
 
-pub fn fake_subscriptions_of_customer(conn: &Connection, customer_id: &str) -> Result<Vec<FakeSubscription>, StorageError> {
+pub fn fake_subscriptions_of_customer(
+    conn: &Connection,
+    customer_id: &str,
+) -> Result<Vec<FakeSubscription>, StorageError> {
     let mut stmt = conn.prepare(&format!(
         "SELECT {FAKE_SUB_COLS} FROM fake_subscriptions WHERE customer_id = ?1 ORDER BY created DESC"
     ))?;

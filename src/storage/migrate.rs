@@ -15,7 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0001_foundation.sql"),
     ),
     ("0002_auth", include_str!("../../migrations/0002_auth.sql")),
-    ("0003_billing", include_str!("../../migrations/0003_billing.sql")),
+    (
+        "0003_billing",
+        include_str!("../../migrations/0003_billing.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -136,6 +136,22 @@ impl TestApp {
         }
     }
 
+    /// A new access token for the user's session at the App's current clock (tests that
+    /// move a manual clock past the token's expiry).
+    pub fn reissue(&self, user: &TestUser) -> String {
+        use base64::Engine;
+        let payload = user.access_token.split('.').nth(1).expect("jwt payload");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64");
+        let claims: Value = serde_json::from_slice(&bytes).expect("claims");
+        self.state().auth.access_token(
+            &user.id,
+            claims["sid"].as_str().expect("sid"),
+            claims["ver"].as_i64().expect("ver"),
+        )
+    }
+
     pub async fn shutdown(self) {
         self.app.shutdown().await.expect("clean shutdown");
     }
