@@ -23,7 +23,7 @@ const PUBLIC = {
 
 const PRIVATE = [
   [/^$/, dashboard.render, 'Jobs'],
-  [/^jobs\/([\w-]+)$/, jobView.render, 'Job'],
+  [/^jobs\/([\w-]+)$/, jobView.render, 'Jobs'],
   [/^billing$/, billing.render, 'Billing'],
   [/^account$/, account.render, 'Account'],
   [/^admin$/, admin.render, 'Admin'],

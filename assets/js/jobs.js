@@ -21,7 +21,7 @@ export function shortId(id) {
 export function describe(job) {
   const p = job.payload || {};
   if (job.kind === 'demo') {
-    const bits = [`${p.steps} steps × ${p.step_ms} ms`];
+    const bits = [`${p.steps} ${p.steps === 1 ? 'step' : 'steps'} × ${p.step_ms} ms`];
     if (p.fail_attempts) bits.push(`fails ${p.fail_attempts}×`);
     if (p.permanent_fail) bits.push('fails permanently');
     return bits.join(', ');
@@ -34,7 +34,7 @@ export function describe(job) {
  * A job row that updates in place: `row.update(partialJob)` from SSE events.
  * `onChange(job)` is called after a button changed the job on the server.
  */
-export function jobRow(job, { onChange, showOwner = false, actions = true } = {}) {
+export function jobRow(job, { onChange, showOwner = false, actions = true, detailLink = true } = {}) {
   const state = { ...job };
   const el = h('li.job', { dataset: { jobId: job.id } });
   const bar = h('progress', { max: 100, value: job.progress?.pct ?? 0, 'aria-label': `Progress of job ${shortId(job.id)}` });
@@ -63,9 +63,9 @@ export function jobRow(job, { onChange, showOwner = false, actions = true } = {}
   function actionButtons() {
     const b = [];
     const s = state.status;
-    if (s === 'succeeded' && state.result !== null && state.result !== undefined) {
+    if (detailLink && s === 'succeeded' && state.result !== null && state.result !== undefined) {
       b.push(h('a.button.small', { href: `#/jobs/${state.id}` }, 'View result'));
-    } else {
+    } else if (detailLink) {
       b.push(h('a.button.small.ghost', { href: `#/jobs/${state.id}` }, 'Details'));
     }
     if (ACTIVE.has(s)) b.push(act('Cancel', 'cancel'));

@@ -348,6 +348,8 @@ test('step 2: submit a demo job and watch its progress bar reach 100% live over 
   assert.ok(middle.length >= 3, `the bar moved through intermediate values live: ${seen.values}`);
   assert.deepEqual([...middle].sort((a, b) => a - b), middle, 'progress only goes up');
   await page.locator(`li.job[data-job-id="${id}"] .badge`, { hasText: 'Succeeded' }).waitFor();
+  assert.equal(await page.locator(`li.job[data-job-id="${id}"]`).count(), 1, 'the job is listed once');
+  assert.ok(await page.getByRole('button', { name: 'Load older jobs' }).isHidden(), 'no "load more" without a cursor');
   await shot('dashboard-job-done');
 
   // The result view of the finished job.

@@ -103,7 +103,9 @@ async function sessions() {
       const { items } = await api('GET', '/auth/sessions');
       box.replaceChildren(items.length ? h('ul.rows.sessions', items.map(row)) : h('p.muted', 'No active sessions.'), msg);
     } catch (e) {
-      box.replaceChildren(notice('error', `Could not load your sessions: ${e.detail}`), msg);
+      box.replaceChildren(e.status === 404
+        ? h('p.muted', 'Session management is not available on this server version.')
+        : notice('error', `Could not load your sessions: ${e.detail}`), msg);
     }
   }
   function row(s) {

@@ -61,7 +61,7 @@ export async function render(ctx) {
     } else if (p.id !== 'free') action = manageButton();
     return h('article.card.plan', { class: mine ? 'card plan mine' : 'card plan', dataset: { plan: p.id } },
       h('h3', p.name),
-      h('p.price', p.price ? [fmtMoney(p.price, p.currency), h('small', ` / ${p.interval}`)] : 'Free'),
+      h('p.price', fmtMoney(p.price, p.currency), h('small', ` / ${p.interval}`)),
       h('ul.limits',
         h('li', `${num(l.jobs_per_period)} jobs per period`),
         h('li', `${num(l.concurrent_jobs)} jobs at once`),

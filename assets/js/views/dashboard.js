@@ -21,9 +21,11 @@ export async function render(ctx) {
   const milestones = new Map(); // job id → last announced quarter
   let cursor = null;
 
-  function add(job, { top = false } = {}) {
+  // `fresh`: the job comes from a list read, newer than what the row shows. A POST answer
+  // (or a fetch racing the SSE stream) may be older than the events already applied.
+  function add(job, { top = false, fresh = false } = {}) {
     const existing = rows.get(job.id);
-    if (existing) { existing.update(job); return existing; }
+    if (existing) { if (fresh) existing.update(job); return existing; }
     const row = jobRow(job, { onChange: (j) => announce(j.id, j.status) });
     rows.set(job.id, row);
     if (top) list.prepend(row); else list.append(row);
@@ -41,11 +43,7 @@ export async function render(ctx) {
       const qs = new URLSearchParams({ limit: '20' });
       if (append && cursor) qs.set('cursor', cursor);
       const page = await api('GET', `/jobs?${qs}`);
-      if (!append) {
-        for (const j of page.items) add(j);
-      } else {
-        for (const j of page.items) add(j);
-      }
+      for (const j of page.items) add(j, { fresh: true });
       cursor = page.next_cursor;
       more.hidden = !cursor;
       empty.hidden = rows.size > 0;
@@ -56,15 +54,17 @@ export async function render(ctx) {
   }
   more.addEventListener('click', () => load({ append: true }));
 
+  const fetching = new Set();
   async function onUnknown(id) {
-    // An event for a job we don't show yet (started in another tab): fetch and show it.
-    if (rows.has(id)) return;
-    rows.set(id, null);
+    // An event for a job we don't show yet (started in another tab, or its POST answer
+    // has not arrived yet): fetch it; whichever arrives second only updates the row.
+    if (rows.has(id) || fetching.has(id)) return;
+    fetching.add(id);
     try {
-      const j = await api('GET', `/jobs/${id}`);
-      rows.delete(id);
-      add(j, { top: true });
-    } catch { rows.delete(id); }
+      add(await api('GET', `/jobs/${id}`), { top: true });
+    } catch { /* gone or not ours */ } finally {
+      fetching.delete(id);
+    }
   }
 
   const events = new LiveEvents('/events', {

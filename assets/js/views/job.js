@@ -16,7 +16,7 @@ export async function render(ctx) {
   }
   const resultBox = h('div.result');
   const attemptsBox = h('div');
-  const row = jobRow(job, { onChange: (j) => refresh(j) });
+  const row = jobRow(job, { onChange: (j) => refresh(j), detailLink: false });
   const wrap = h('ul.jobs.single', row);
 
   function showResult(j) {
