@@ -6,7 +6,10 @@
 //! after any commit that changes them, so revocation is immediate and the database is
 //! not touched on a warm request.
 
+pub mod client_ip;
 pub mod extract;
+pub mod password;
+pub mod ratelimit;
 pub mod routes;
 pub mod tokens;
 
