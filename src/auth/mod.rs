@@ -8,6 +8,7 @@
 
 pub mod client_ip;
 pub mod extract;
+pub mod oauth;
 pub mod password;
 pub mod ratelimit;
 pub mod routes;
