@@ -9,6 +9,7 @@
 pub mod client_ip;
 pub mod extract;
 pub mod mail;
+pub mod oauth;
 pub mod password;
 pub mod ratelimit;
 pub mod routes;
