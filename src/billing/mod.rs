@@ -5,6 +5,7 @@
 
 pub mod routes;
 pub mod stripe;
+pub mod stripe_real;
 
 use std::sync::Arc;
 
