@@ -161,7 +161,10 @@ impl Billing {
             ));
             (f.clone(), Some(f))
         } else {
-            (stripe_real::RealStripe::new(&config.stripe)?, None)
+            (
+                Arc::new(stripe_real::RealStripe::new(&config.stripe)?),
+                None,
+            )
         };
         Ok(Billing {
             inner: Arc::new(Inner {
