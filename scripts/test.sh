@@ -9,7 +9,7 @@ cargo test --all-targets --locked
 
 if [ -x tests/e2e/run.sh ]; then
   echo "== browser end-to-end tests"
-  tests/e2e/run.sh
+  E2E_STRICT=1 tests/e2e/run.sh
 fi
 
 if [ -x bench/run.sh ]; then

@@ -3,7 +3,7 @@
 // reused, so the browser's own auto-reconnect would fail: on any error we close the
 // source and reconnect ourselves with a fresh ticket, backing off up to 15 s.
 
-import { api } from './api.js';
+import { api, session } from './api.js';
 
 export class LiveEvents {
   /**
@@ -27,7 +27,8 @@ export class LiveEvents {
     try {
       ({ ticket } = await api('POST', '/events/ticket', { body: {} }));
     } catch (e) {
-      if (e.status === 401) { this.stop(); return; } // signed out: the app handles it
+      // Signed out: the app handles it. Still signed in (a token was being rotated): retry.
+      if (e.status === 401 && !session.signedIn) { this.stop(); return; }
       this.retry();
       return;
     }

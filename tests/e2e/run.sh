@@ -41,10 +41,28 @@ rm -rf "$E2E_DIR/artifacts" && mkdir -p "$E2E_DIR/artifacts"
 # Offline mode: no Stripe key, no OAuth keys, mail to the log; no config file from the repo.
 # The test restarts the server once (to drop live SSE connections): it reads the command
 # line from WB_SERVER_CMD and keeps the current PID in WB_PIDFILE.
-SERVER_CMD=("$BIN" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --log-format json --config /dev/null)
+# The free plan allows 2 concurrent jobs; the scenario runs several at once on a busy
+# machine, so give it room (the pro plan stays as shipped).
+CONFIG="$DATA.toml"
+cat >"$CONFIG" <<'TOML'
+[[billing.plans]]
+id = "free"
+name = "Free"
+limits = { jobs_per_period = 1000, concurrent_jobs = 10, max_upload_bytes = 5242880 }
+[[billing.plans]]
+id = "pro"
+name = "Pro"
+price_id = "price_pro_monthly"
+price = 1900
+limits = { jobs_per_period = 1000, concurrent_jobs = 20, max_upload_bytes = 52428800 }
+TOML
+SERVER_CMD=("$BIN" serve --data-dir "$DATA" --listen "127.0.0.1:$PORT" --log-format json --config "$CONFIG")
 PIDFILE="$DATA.pid"
 LOG="$E2E_DIR/artifacts/server.log"
 export WARPBASE_PUBLIC_URL="$URL"
+# The scenario signs in many times from one address; the default limit (10/min) would
+# rightly answer 429 to that.
+export WARPBASE_AUTH__RATE_LIMIT=1000
 unset WARPBASE_STRIPE__SECRET_KEY WARPBASE_CONFIG
 "${SERVER_CMD[@]}" >>"$LOG" 2>&1 &
 SERVER=$!
@@ -56,7 +74,7 @@ cleanup() {
   kill "$SERVER" 2>/dev/null || true
   wait "$SERVER" 2>/dev/null || true
   for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  rm -rf "$DATA" "$PIDFILE"
+  rm -rf "$DATA" "$PIDFILE" "$CONFIG"
 }
 trap cleanup EXIT
 
