@@ -71,6 +71,12 @@ pub enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The dead-letter queue of jobs.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Stripe: offline event triggers and reconciliation.
+    #[command(subcommand)]
+    Stripe(StripeCommand),
     /// Print the version.
     Version,
 }
@@ -85,6 +91,37 @@ pub enum UserCommand {
     Disable { email: String },
     /// Re-enable a disabled user.
     Enable { email: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List dead jobs, or retry / discard one.
+    Dead {
+        /// Put this dead job back in the queue with a fresh budget of attempts.
+        #[arg(long, value_name = "ID", conflicts_with = "discard")]
+        retry: Option<String>,
+        /// Delete this dead job.
+        #[arg(long, value_name = "ID")]
+        discard: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StripeCommand {
+    /// Offline mode: make the fake Stripe send an event for a user's subscription through
+    /// the running server's webhook (signed like Stripe does).
+    Trigger {
+        /// invoice.paid (a renewal), invoice.payment_failed, customer.subscription.deleted,
+        /// customer.subscription.updated (schedule cancel at period end), or resume.
+        event: String,
+        #[arg(long)]
+        email: String,
+        /// Where the server listens (default: public_url).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// Fetch every customer's subscriptions from Stripe and repair local state.
+    Sync,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +182,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup { path, force } => backup(&config, &path, force)?,
         Command::Restore { path, force } => restore(&config, &path, force)?,
         Command::User(cmd) => user(&config, cmd)?,
+        Command::Jobs(JobsCommand::Dead { retry, discard }) => {
+            crate::cli_admin::jobs_dead(&config, retry, discard)?
+        }
+        Command::Stripe(StripeCommand::Trigger { event, email, url }) => {
+            crate::cli_admin::stripe_trigger(&config, &event, &email, url)?
+        }
+        Command::Stripe(StripeCommand::Sync) => crate::cli_admin::stripe_sync(&config)?,
         Command::Config(ConfigCommand::Check) => {
             println!(
                 "configuration ok (listen {}, data_dir {}, {} mode)",

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod billing;
 pub mod cli;
+mod cli_admin;
 pub mod clock;
 pub mod config;
 pub mod error;

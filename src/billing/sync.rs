@@ -80,15 +80,18 @@ impl Billing {
         // Only record a snapshot that changes what the user may do: a sync that agrees
         // with the local state is a no-op, so running it daily adds nothing.
         let current = self.state(user_id).await?;
-        let plan_for_price = |p: &str| self.plan_for_price(p);
-        let ctx = EngineCtx {
-            now,
-            grace_secs: self.grace_secs(),
-            plan_for_price: &plan_for_price,
+        let changes = {
+            let plan_for_price = |p: &str| self.plan_for_price(p);
+            let ctx = EngineCtx {
+                now,
+                grace_secs: self.grace_secs(),
+                plan_for_price: &plan_for_price,
+            };
+            matches!(engine::apply(&current, &event, &ctx),
+                Decision::Apply(next) if material(&next) != material(&current))
         };
-        match engine::apply(&current, &event, &ctx) {
-            Decision::Apply(next) if material(&next) != material(&current) => {}
-            _ => return Ok(false),
+        if !changes {
+            return Ok(false);
         }
         let p = self.process(event, text).await?;
         Ok(p.status == "applied")

@@ -431,7 +431,9 @@ async fn housekeeping(state: AppState) {
         state.jobs.hub().sweep();
         if rounds % 10 == 1 {
             update_gauges(&state).await;
-            purge(&state).await;
+        }
+        if rounds % 4 == 1 {
+            run_periodic(&state).await;
         }
     }
 }
@@ -466,6 +468,58 @@ async fn update_gauges(state: &AppState) {
             metrics::gauge!("jobs", "queue" => queue, "status" => status).set(n as f64);
         }
     }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Internal tasks on a schedule that survives restarts: each records when it last ran in
+/// the `meta` table before running, so a restart neither repeats nor skips a period.
+async fn run_periodic(state: &AppState) {
+    if due(state, "jobs.purge", HOUR).await {
+        purge(state).await;
+    }
+    if due(state, "auth.purge_expired", HOUR).await {
+        let now = state.now_millis();
+        if let Err(e) = state
+            .storage
+            .write(move |c| crate::storage::auth::purge_expired(c, now))
+            .await
+        {
+            tracing::warn!(error = %e, "purging expired tokens failed");
+        }
+    }
+    if due(state, "billing.reconcile", 24 * HOUR).await {
+        match state.billing.sync_all().await {
+            Ok(r) => tracing::info!(
+                customers = r.customers,
+                repaired = r.applied,
+                failed = r.errors,
+                "daily billing reconciliation"
+            ),
+            Err(e) => tracing::warn!(error = %e, "daily billing reconciliation failed"),
+        }
+    }
+}
+
+/// True (and the run recorded) if the task `name` last ran `every` or longer ago.
+async fn due(state: &AppState, name: &'static str, every: Duration) -> bool {
+    let now = state.now_millis();
+    let key = format!("periodic.{name}");
+    let every_ms = every.as_millis() as i64;
+    let claimed = state
+        .storage
+        .write(move |c| {
+            let last = q::meta_get(c, &key)?
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(i64::MIN);
+            if last != i64::MIN && now - last < every_ms {
+                return Ok::<_, StorageError>(false);
+            }
+            q::meta_set(c, &key, &now.to_string(), now)?;
+            Ok(true)
+        })
+        .await;
+    claimed.unwrap_or(false)
 }
 
 /// Deletes finished jobs past the retention, in small batches so the writer stays fair.
