@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogFormat, Overrides};
@@ -83,6 +83,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
+    /// Create a user without a password (they sign in with OAuth, or set one by password reset).
+    Create {
+        email: String,
+        /// Make the user an admin.
+        #[arg(long)]
+        admin: bool,
+    },
     /// List users.
     List,
     /// Make a user an admin.
@@ -171,6 +178,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate => {
             let db = config.data_dir.join(storage::DB_FILE);
             crate::secrets::create_private_dir(&config.data_dir)?;
+            let _lock = storage::InstanceLock::acquire(&config.data_dir)
+                .map_err(|e| anyhow!("{e} (a running server applies migrations itself)"))?;
             let mut conn = storage::open_writer_conn(&db)?;
             let ran = storage::migrate::apply(&mut conn)?;
             println!(
@@ -227,65 +236,120 @@ fn backup(config: &Config, dest: &Path, force: bool) -> anyhow::Result<()> {
     if !src.exists() {
         bail!("no database at {}", src.display());
     }
-    if dest.exists() {
-        if !force {
-            bail!("{} exists; pass --force to replace it", dest.display());
-        }
-        std::fs::remove_file(dest).with_context(|| format!("cannot replace {}", dest.display()))?;
+    if dest.exists() && !force {
+        bail!("{} exists; pass --force to replace it", dest.display());
     }
     // Write next to the destination and rename, so a failed backup never leaves a
-    // half-written file under the final name.
-    let tmp = dest.with_extension("partial");
+    // half-written file under the final name (and a forced one keeps the old file until
+    // the new one is complete).
+    let tmp = sibling(dest, ".partial");
     let _ = std::fs::remove_file(&tmp);
-    storage::backup_file(&src, &tmp)
-        .with_context(|| format!("backup of {} failed", src.display()))?;
-    storage::integrity_check(&tmp).context("the backup failed its integrity check")?;
-    std::fs::rename(&tmp, dest)?;
+    let result = storage::backup_file(&src, &tmp)
+        .with_context(|| format!("backup of {} failed", src.display()))
+        .and_then(|()| {
+            storage::integrity_check(&tmp).context("the backup failed its integrity check")
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, dest)
+                .with_context(|| format!("cannot move the backup to {}", dest.display()))
+        });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_parent(dest);
     println!("backed up {} to {}", src.display(), dest.display());
     Ok(())
 }
 
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Makes a rename durable (best effort: not every filesystem allows syncing a directory).
+fn sync_parent(path: &Path) {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+}
+
 fn restore(config: &Config, backup: &Path, force: bool) -> anyhow::Result<()> {
-    if !backup.exists() {
-        bail!("no backup at {}", backup.display());
+    if !backup.is_file() {
+        bail!("no backup file at {}", backup.display());
     }
     storage::integrity_check(backup)
         .with_context(|| format!("{} is not a healthy SQLite database", backup.display()))?;
     {
-        let conn = storage::Conn::open(backup)?;
-        let version = storage::migrate::current_version(&conn)?;
+        let version = storage::schema_version_of(backup)?;
         if version > storage::migrate::latest_version() {
-            bail!("the backup has schema version {version}, newer than this binary knows");
+            bail!(
+                "the backup has schema version {version}, newer than this binary knows ({}); \
+                 restore it with a newer warpbase",
+                storage::migrate::latest_version()
+            );
         }
     }
     crate::secrets::create_private_dir(&config.data_dir)?;
+    // Hold the instance lock for the whole restore: a running server would keep writing
+    // into the file we replace, and one starting midway would see half a database.
+    let _lock = storage::InstanceLock::acquire(&config.data_dir)
+        .map_err(|e| anyhow!("{e}; stop the server before restoring"))?;
     let db = config.data_dir.join(storage::DB_FILE);
+    let wal_files = ["-wal", "-shm"].map(|s| sibling(&db, s));
+    let mut kept = None;
     if db.exists() {
         if !force {
             bail!(
-                "{} exists; stop the server and pass --force to replace it",
-                db.display()
+                "{} exists; pass --force to replace it (it is kept as {}.pre-restore)",
+                db.display(),
+                storage::DB_FILE
             );
         }
-        // Refuse while a server holds the database: it would keep writing to the old file.
-        let conn = storage::open_writer_conn(&db)?;
-        conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
-            .context("the database is in use; stop the server before restoring")?;
-        drop(conn);
+        // Fold the old WAL into its file so the copy we keep is whole. The old database
+        // may be the broken one we are restoring over, so failing here only warns.
+        if let Err(e) = storage::open_writer_conn(&db).and_then(|c| {
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(storage::StorageError::from)
+        }) {
+            eprintln!("warning: cannot checkpoint the old database ({e}); replacing it anyway");
+        }
+        let old = sibling(&db, ".pre-restore");
+        std::fs::rename(&db, &old)
+            .with_context(|| format!("cannot move the old database to {}", old.display()))?;
+        kept = Some(old);
     }
-    let tmp = config.data_dir.join("warpbase.db.restoring");
-    std::fs::copy(backup, &tmp)?;
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(
-            config
-                .data_dir
-                .join(format!("{}{suffix}", storage::DB_FILE)),
-        );
+    // A WAL left from the old database must never be applied to the restored one.
+    for f in &wal_files {
+        match std::fs::remove_file(f) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", f.display()));
+            }
+            _ => {}
+        }
     }
-    std::fs::rename(&tmp, &db)?;
+    let tmp = sibling(&db, ".restoring");
+    std::fs::copy(backup, &tmp)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+        .with_context(|| format!("cannot copy {} to {}", backup.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &db).with_context(|| format!("cannot move into {}", db.display()))?;
+    sync_parent(&db);
     let mut conn = storage::open_writer_conn(&db)?;
-    storage::migrate::apply(&mut conn)?;
-    println!("restored {} into {}", backup.display(), db.display());
+    let ran = storage::migrate::apply(&mut conn)?;
+    println!(
+        "restored {} into {} ({ran} migration(s) applied)",
+        backup.display(),
+        db.display()
+    );
+    if let Some(old) = kept {
+        println!("the previous database is kept as {}", old.display());
+    }
     Ok(())
 }
 
@@ -300,6 +364,7 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         };
         let now = crate::clock::now_millis();
         let result = match cmd {
+            UserCommand::Create { email, admin } => create_user(&storage, &email, admin, now).await,
             UserCommand::List => {
                 let users = storage
                     .read(|c| storage::users::list_users(c, None, 10_000))
@@ -335,6 +400,41 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         storage.close().await?;
         result
     })
+}
+
+async fn create_user(storage: &Storage, email: &str, admin: bool, now: i64) -> anyhow::Result<()> {
+    let email = email.trim().to_lowercase();
+    if email.len() > 254 || email.split('@').filter(|p| !p.is_empty()).count() != 2 {
+        bail!("{email:?} is not an email address");
+    }
+    let role = if admin { "admin" } else { "user" };
+    let id = crate::ids::new_id();
+    let e = email.clone();
+    let row = storage
+        .write(move |c| {
+            storage::users::insert_user(
+                c,
+                &storage::users::NewUser {
+                    id: &id,
+                    email: &e,
+                    // The operator vouches for the address.
+                    email_verified: true,
+                    name: None,
+                    password_hash: None,
+                    role: Some(role),
+                    now,
+                },
+            )
+        })
+        .await;
+    match row {
+        Ok(u) => {
+            println!("created {} {} ({})", u.role, u.email, u.id);
+            Ok(())
+        }
+        Err(e) if e.is_unique_violation() => bail!("a user with email {email} already exists"),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn update_user(

@@ -564,6 +564,9 @@ impl Config {
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts must be at least 1".into());
         }
+        if !self.backup.interval.is_zero() && self.backup.keep == 0 {
+            return bad("backup.keep must be at least 1 when backup.interval is set".into());
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &self.billing.plans {
             if !seen.insert(p.id.as_str()) {

@@ -161,6 +161,7 @@ impl App {
         let addr = listener.local_addr()?;
 
         jobs::worker::start(&state);
+        ops::backup::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
         let server = tokio::spawn(
@@ -231,10 +232,12 @@ impl App {
     /// Serves in a background task; for tests and embedding.
     pub fn spawn(self) -> RunningApp {
         let addr = self.local_addr();
+        let metrics_addr = self.metrics_addr();
         let state = self.state.clone();
         let handle = tokio::spawn(self.serve(std::future::pending()));
         RunningApp {
             addr,
+            metrics_addr,
             state,
             handle,
         }
@@ -244,6 +247,8 @@ impl App {
 /// A serving App started with [`App::spawn`].
 pub struct RunningApp {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: AppState,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }

@@ -1,4 +1,6 @@
-//! Operations endpoints: liveness, readiness and Prometheus metrics.
+//! Operations endpoints: liveness, readiness and Prometheus metrics; scheduled backups.
+
+pub mod backup;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -69,7 +71,14 @@ pub fn router(with_metrics: bool) -> Router<AppState> {
     if with_metrics {
         r.route("/metrics", get(metrics_text))
     } else {
-        r
+        // Not the web UI's fallback page: a scraper pointed at the wrong port should see
+        // a clear 404, and the main listener must not reveal the metrics.
+        r.route(
+            "/metrics",
+            get(|| async {
+                ApiError::not_found("metrics are served on the metrics_listen address only")
+            }),
+        )
     }
 }
 

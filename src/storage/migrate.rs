@@ -32,13 +32,22 @@ pub fn current_version(conn: &Connection) -> Result<i64, StorageError> {
 
 /// Applies every pending migration; returns how many ran.
 pub fn apply(conn: &mut Connection) -> Result<usize, StorageError> {
+    apply_list(conn, MIGRATIONS)
+}
+
+/// Applies the pending migrations of `migrations` (normally [`MIGRATIONS`]; upgrade tests
+/// pass a prefix of it to build an old database, or append a broken one).
+pub fn apply_list(
+    conn: &mut Connection,
+    migrations: &[(&str, &str)],
+) -> Result<usize, StorageError> {
     let found = current_version(conn)?;
-    let known = latest_version();
+    let known = migrations.len() as i64;
     if found > known {
         return Err(StorageError::SchemaTooNew { found, known });
     }
     let mut ran = 0;
-    for (index, (name, sql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+    for (index, (name, sql)) in migrations.iter().enumerate().skip(found as usize) {
         let version = index as i64 + 1;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(sql).map_err(|e| StorageError::Migration {

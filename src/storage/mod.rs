@@ -47,6 +47,8 @@ pub enum StorageError {
     Migration { name: String, message: String },
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("file system: {0}")]
+    Io(String),
 }
 
 /// The SQLite failures callers branch on.
@@ -82,6 +84,7 @@ impl StorageError {
             } | StorageError::WriterGone
                 | StorageError::Pool(_)
                 | StorageError::Aborted
+                | StorageError::Io(_)
         )
     }
 }
@@ -207,13 +210,10 @@ impl Storage {
         self.inner.writer.stats()
     }
 
-    /// True if an (empty) write transaction commits: the readiness probe.
+    /// The readiness probe: `Ok` if the writer answers and the database can grow (see
+    /// [`Writer::probe`]); a full disk or a read-only database makes it fail.
     pub async fn ping_writer(&self) -> Result<(), StorageError> {
-        self.write(|c| {
-            c.execute_batch("SELECT 1")?;
-            Ok::<_, StorageError>(())
-        })
-        .await
+        self.inner.writer.probe().await
     }
 
     /// Finishes queued writes, checkpoints the WAL and stops the writer thread.
@@ -249,6 +249,19 @@ pub fn open_writer_conn(path: &Path) -> Result<Conn, StorageError> {
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // SQLite silently falls back to read-only when the file is not writable; say so now
+    // instead of failing every write later.
+    if conn.is_readonly(rusqlite::MAIN_DB)? {
+        return Err(StorageError::Sqlite {
+            kind: SqliteKind::Unavailable,
+            message: format!(
+                "{} is read-only for this user; warpbase needs to write its database \
+                 (check the file's owner and permissions, and that the filesystem is not \
+                 mounted read-only)",
+                path.display()
+            ),
+        });
+    }
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))?;
     conn.execute_batch(
@@ -260,12 +273,15 @@ pub fn open_writer_conn(path: &Path) -> Result<Conn, StorageError> {
     Ok(conn)
 }
 
-/// Copies the database at `src` into a new file `dest` from one consistent snapshot.
+/// Copies the database at `src` into a new file `dest` from one consistent snapshot, and
+/// flushes it to disk (`VACUUM INTO` itself does not sync its output).
 pub fn backup_file(src: &Path, dest: &Path) -> Result<(), StorageError> {
     let conn = Conn::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let dest = dest.to_string_lossy().to_string();
-    conn.execute("VACUUM INTO ?1", [dest])?;
+    conn.execute("VACUUM INTO ?1", [dest.to_string_lossy().as_ref()])?;
+    std::fs::File::open(dest)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StorageError::Io(format!("cannot sync {}: {e}", dest.display())))?;
     Ok(())
 }
 
@@ -278,6 +294,12 @@ pub fn integrity_check(path: &Path) -> Result<(), StorageError> {
     } else {
         Err(StorageError::Corrupt(result))
     }
+}
+
+/// The schema version (`user_version`) of a database file, opened read-only.
+pub fn schema_version_of(path: &Path) -> Result<i64, StorageError> {
+    let conn = Conn::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    migrate::current_version(&conn)
 }
 
 /// Milliseconds since the Unix epoch: how the schema stores time.
@@ -298,7 +320,14 @@ impl InstanceLock {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            .map_err(|e| {
+                format!(
+                    "cannot open {}: {e}; the data dir must be writable by the user running \
+                     warpbase (check its owner and permissions, and that the filesystem is \
+                     not mounted read-only)",
+                    path.display()
+                )
+            })?;
         #[cfg(unix)]
         {
             use std::os::unix::io::AsRawFd;

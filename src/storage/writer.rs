@@ -63,6 +63,8 @@ where
 
 enum Command {
     Write(Box<dyn WriteJob>),
+    /// Readiness probe: run alone, in its own transaction, after the current batch.
+    Probe(oneshot::Sender<Result<(), StorageError>>),
     /// Checkpoint the WAL into the main file and stop; sent on shutdown.
     Close(oneshot::Sender<Result<(), StorageError>>),
 }
@@ -137,6 +139,19 @@ impl Writer {
         rx.await.map_err(|_| E::from(StorageError::WriterGone))?
     }
 
+    /// Checks that the database can take a write that needs new pages: allocates a few in
+    /// a transaction of its own and rolls it back. Fails on a full disk, a database at its
+    /// size limit or a read-only file, where a bare `BEGIN`/`COMMIT` would still succeed.
+    /// Running alone means a failing probe never aborts anyone else's writes.
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Probe(tx))
+            .await
+            .map_err(|_| StorageError::WriterGone)?;
+        rx.await.map_err(|_| StorageError::WriterGone)?
+    }
+
     /// Asks the writer to finish queued writes, checkpoint the WAL and exit.
     pub async fn close(&self) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
@@ -158,13 +173,16 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, stats: &Counters) 
             return;
         };
         let mut close = None;
+        let mut probes = Vec::new();
         match first {
             Command::Write(job) => batch.push_back(job),
+            Command::Probe(reply) => probes.push(reply),
             Command::Close(reply) => close = Some(reply),
         }
         while close.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Command::Write(job)) => batch.push_back(job),
+                Ok(Command::Probe(reply)) => probes.push(reply),
                 Ok(Command::Close(reply)) => close = Some(reply),
                 Err(_) => break,
             }
@@ -173,16 +191,45 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, stats: &Counters) 
             // Writes already queued still land; later ones see WriterGone instead of hanging.
             rx.close();
             while let Ok(cmd) = rx.try_recv() {
-                if let Command::Write(job) = cmd {
-                    batch.push_back(job);
+                match cmd {
+                    Command::Write(job) => batch.push_back(job),
+                    Command::Probe(p) => probes.push(p),
+                    Command::Close(_) => {}
                 }
             }
             commit_all(&mut conn, &mut batch, stats);
+            answer_probes(&mut conn, probes);
             let _ = reply.send(checkpoint(&conn));
             return;
         }
         commit_all(&mut conn, &mut batch, stats);
+        answer_probes(&mut conn, probes);
     }
+}
+
+/// Bytes the readiness probe inserts: more than a page, so it needs fresh pages.
+const PROBE_BYTES: i64 = 16 * 1024;
+
+fn answer_probes(conn: &mut Connection, probes: Vec<oneshot::Sender<Result<(), StorageError>>>) {
+    if probes.is_empty() {
+        return;
+    }
+    let result = probe(conn);
+    for p in probes {
+        let _ = p.send(result.clone());
+    }
+}
+
+fn probe(conn: &mut Connection) -> Result<(), StorageError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT INTO meta (key, value, updated_at) VALUES ('ready_probe', zeroblob(?1), 0)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [PROBE_BYTES],
+    )?;
+    // Dropping the transaction rolls it back (also fine if SQLite already did).
+    drop(tx);
+    Ok(())
 }
 
 fn checkpoint(conn: &Connection) -> Result<(), StorageError> {
