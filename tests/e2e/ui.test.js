@@ -18,7 +18,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHmac, randomBytes } from 'node:crypto';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -441,6 +441,7 @@ test('upload an archive, analyze it, and see the per-language table and SVG char
     return t.skip(`needs the analyze job kind (server says: ${probe.json.detail})`);
   }
   const dir = mkdtempSync(join(tmpdir(), 'wb-e2e-src-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
   mkdirSync(join(dir, 'src'));
   writeFileSync(join(dir, 'src', 'main.rs'), '// entry\nfn main() {\n    println!("hi");\n}\n\n');
   writeFileSync(join(dir, 'src', 'lib.rs'), '/// docs\npub fn f() -> u8 {\n    1\n}\n');
