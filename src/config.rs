@@ -134,8 +134,64 @@ pub struct OAuthProviderConfig {
     pub auth_url: Option<String>,
     pub token_url: Option<String>,
     pub api_url: Option<String>,
+    /// Google only: where its signing keys are published (default Google's; for tests).
+    pub jwks_url: Option<String>,
     #[serde(deserialize_with = "de_list")]
     pub scopes: Vec<String>,
+}
+
+impl OAuthConfig {
+    /// The settings [`OAuthProviders`](crate::auth::oauth::OAuthProviders) expects. A
+    /// provider whose `client_id` is empty is disabled, as if its section were absent;
+    /// unset URLs keep the provider's defaults.
+    pub fn provider_configs(&self) -> crate::auth::oauth::OAuthConfigs {
+        use crate::auth::oauth::{GithubConfig, GoogleConfig, OAuthConfigs, OidcConfig};
+        fn enabled(c: &Option<OAuthProviderConfig>) -> Option<&OAuthProviderConfig> {
+            c.as_ref().filter(|c| !c.client_id.trim().is_empty())
+        }
+        fn or(v: &Option<String>, default: String) -> String {
+            v.clone()
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or(default)
+        }
+        OAuthConfigs {
+            github: enabled(&self.github).map(|c| {
+                let d = GithubConfig::default();
+                GithubConfig {
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    auth_url: or(&c.auth_url, d.auth_url),
+                    token_url: or(&c.token_url, d.token_url),
+                    api_url: or(&c.api_url, d.api_url),
+                }
+            }),
+            google: enabled(&self.google).map(|c| {
+                let d = GoogleConfig::default();
+                GoogleConfig {
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    issuer: or(&c.issuer, d.issuer),
+                    auth_url: or(&c.auth_url, d.auth_url),
+                    token_url: or(&c.token_url, d.token_url),
+                    jwks_url: or(&c.jwks_url, d.jwks_url),
+                }
+            }),
+            oidc: enabled(&self.oidc).map(|c| {
+                let d = OidcConfig::default();
+                OidcConfig {
+                    issuer: c.issuer.clone().unwrap_or_default(),
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    name: or(&c.name, d.name),
+                    scopes: if c.scopes.is_empty() {
+                        d.scopes
+                    } else {
+                        c.scopes.clone()
+                    },
+                }
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -713,6 +769,42 @@ mod tests {
             &Overrides::default(),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn oauth_sections_map_to_providers_and_need_a_client_id() {
+        let c = load(
+            Some(
+                "[auth.oauth.github]\nclient_id = \"gh\"\nclient_secret = \"s\"\n\
+                 api_url = \"http://127.0.0.1:9/api\"\n\
+                 [auth.oauth.google]\nclient_secret = \"s\"\n\
+                 [auth.oauth.oidc]\nclient_id = \"o\"\nclient_secret = \"s\"\n\
+                 issuer = \"https://sso.example\"\nname = \"Corp SSO\"\n",
+            ),
+            &[],
+        )
+        .expect("loads");
+        let p = c.auth.oauth.provider_configs();
+        let gh = p.github.expect("github enabled");
+        assert_eq!(gh.client_id, "gh");
+        assert_eq!(gh.client_secret, "s");
+        assert_eq!(gh.api_url, "http://127.0.0.1:9/api");
+        assert_eq!(
+            gh.auth_url, "https://github.com/login/oauth/authorize",
+            "default kept"
+        );
+        assert!(p.google.is_none(), "no client_id: disabled");
+        let oidc = p.oidc.expect("oidc enabled");
+        assert_eq!(oidc.issuer, "https://sso.example");
+        assert_eq!(oidc.name, "Corp SSO");
+        assert_eq!(oidc.scopes, ["openid", "email", "profile"]);
+        let providers = crate::auth::oauth::OAuthProviders::new(
+            &c.auth.oauth.provider_configs(),
+            c.public_base(),
+        )
+        .expect("valid");
+        let ids: Vec<_> = providers.enabled().into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, ["github", "oidc"]);
     }
 
     #[test]

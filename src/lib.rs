@@ -81,11 +81,17 @@ impl App {
         let clock: SharedClock = opts.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let config = Arc::new(config);
         let metrics = ops::Metrics::install();
+        let oauth = auth::oauth::OAuthProviders::new(
+            &config.auth.oauth.provider_configs(),
+            config.public_base(),
+        )
+        .context("invalid [auth.oauth] configuration")?;
         let auth = auth::Auth::new(
             &config,
             storage.clone(),
             clock.clone(),
             jwt_secret.as_bytes(),
+            oauth,
         );
         let fake_webhook_secret =
             secrets::load_or_generate(&data_dir, "stripe_webhook.key", "whsec_")

@@ -10,6 +10,7 @@ pub mod client_ip;
 pub mod extract;
 pub mod mail;
 pub mod oauth;
+pub mod oauth_flow;
 pub mod password;
 pub mod ratelimit;
 pub mod routes;
@@ -56,6 +57,9 @@ pub enum AuthError {
     NotFound,
     #[error("{0}")]
     Conflict(&'static str, String),
+    /// An OAuth provider could not be reached or answered nonsense (no secrets inside).
+    #[error("{0}")]
+    OAuthProvider(String),
     #[error(transparent)]
     Password(#[from] password::PasswordError),
     #[error(transparent)]
@@ -88,6 +92,7 @@ impl From<AuthError> for ApiError {
             AuthError::Forbidden => ApiError::forbidden(e.to_string()),
             AuthError::NotFound => ApiError::not_found("no such resource"),
             AuthError::Conflict(code, m) => ApiError::conflict(code, m),
+            AuthError::OAuthProvider(m) => ApiError::new(S::BAD_GATEWAY, "provider_error", m),
             AuthError::Password(password::PasswordError::Overloaded) => {
                 ApiError::unavailable("sign-in is busy; try again in a moment")
             }
@@ -128,6 +133,8 @@ struct Inner {
     access_ttl: Duration,
     refresh_ttl: Duration,
     hasher: password::PasswordHasher,
+    /// The enabled OAuth providers (none when nothing is configured).
+    oauth: oauth::OAuthProviders,
     limiter: ratelimit::RateLimiter,
     /// user id → what every request checks. Invalidated after commits that change it.
     user_states: Cache<String, UserAuthState>,
@@ -136,7 +143,13 @@ struct Inner {
 }
 
 impl Auth {
-    pub fn new(config: &Config, storage: Storage, clock: SharedClock, jwt_secret: &[u8]) -> Auth {
+    pub fn new(
+        config: &Config,
+        storage: Storage,
+        clock: SharedClock,
+        jwt_secret: &[u8],
+        oauth: oauth::OAuthProviders,
+    ) -> Auth {
         // Correctness comes from invalidation after each commit in this process; the TTL
         // bounds how long a change made by another process (the `warpbase user` CLI on
         // the same database) takes to apply.
@@ -149,6 +162,7 @@ impl Auth {
                 access_ttl: config.auth.access_ttl,
                 refresh_ttl: config.auth.refresh_ttl,
                 hasher: password::PasswordHasher::new(),
+                oauth,
                 limiter: ratelimit::RateLimiter::new(
                     ratelimit::RatePolicy::new(config.auth.rate_limit, config.auth.rate_window),
                     100_000,
@@ -298,6 +312,10 @@ impl Auth {
             refresh_token,
             refresh_expires_in: self.inner.refresh_ttl.as_secs(),
         }
+    }
+
+    pub fn oauth(&self) -> &oauth::OAuthProviders {
+        &self.inner.oauth
     }
 
     pub fn hasher(&self) -> &password::PasswordHasher {

@@ -2,12 +2,14 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::extract::ClientInfo;
+use super::oauth_flow::{self, CallbackParams};
 use super::service;
 use crate::auth::{AdminUser, AuthUser, TokenPair};
 use crate::billing::Entitlement;
@@ -32,6 +34,21 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/auth/verify-email", post(verify))
         .route("/api/v1/auth/sessions", get(sessions))
         .route("/api/v1/auth/sessions/{id}", delete(revoke_session))
+        .route("/api/v1/auth/providers", get(oauth_providers))
+        .route(
+            "/api/v1/auth/oauth/{provider}/authorize",
+            get(oauth_authorize),
+        )
+        .route("/api/v1/auth/oauth/{provider}/link", post(oauth_link))
+        .route(
+            "/api/v1/auth/oauth/{provider}/callback",
+            get(oauth_callback),
+        )
+        .route("/api/v1/auth/oauth/exchange", post(oauth_exchange))
+        .route(
+            "/api/v1/auth/identities/{provider}",
+            delete(unlink_identity),
+        )
         .route("/api/v1/admin/users", get(admin_users))
 }
 
@@ -330,4 +347,105 @@ async fn admin_users(
         items.push(UserView::build(&state, r).await?);
     }
     Ok(Json(json!({ "items": items, "next_cursor": next })))
+}
+
+async fn oauth_providers(State(state): State<AppState>) -> Json<Value> {
+    let items: Vec<Value> = oauth_flow::providers(&state)
+        .into_iter()
+        .map(|(id, name)| json!({ "id": id, "name": name }))
+        .collect();
+    Json(json!({ "items": items }))
+}
+
+/// A 302 that no cache keeps (the URL holds a one-time state or code).
+fn found(location: &str) -> ApiResult<Response> {
+    let value = HeaderValue::from_str(location).map_err(ApiError::internal)?;
+    Ok((
+        StatusCode::FOUND,
+        [
+            (header::LOCATION, value),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+    )
+        .into_response())
+}
+
+async fn oauth_authorize(
+    State(state): State<AppState>,
+    Path(provider): Path<String>,
+) -> ApiResult<Response> {
+    let url = oauth_flow::authorize_url(&state, &provider, None).await?;
+    found(&url)
+}
+
+async fn oauth_link(
+    State(state): State<AppState>,
+    AuthUser(p): AuthUser,
+    Path(provider): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let url = oauth_flow::authorize_url(&state, &provider, Some(&p)).await?;
+    Ok(Json(json!({ "authorize_url": url })))
+}
+
+/// What providers append to the callback. Not `deny_unknown_fields`: providers add their
+/// own parameters (Google: `scope`, `authuser`, `prompt`; RFC 9207: `iss`).
+#[derive(Debug, Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// Always answers with a redirect into the UI (a browser navigation, not an API call),
+/// except for a provider that is not enabled at all (404 problem).
+async fn oauth_callback(
+    State(state): State<AppState>,
+    ClientInfo(client): ClientInfo,
+    Path(provider): Path<String>,
+    Query(q): Query<CallbackQuery>,
+) -> ApiResult<Response> {
+    if !oauth_flow::is_enabled(&state, &provider) {
+        return Err(ApiError::not_found("no such OAuth provider"));
+    }
+    let params = CallbackParams {
+        code: q.code,
+        state: q.state,
+        error: q.error,
+    };
+    let base = state.config.public_base();
+    match oauth_flow::callback(&state, &client, &provider, params).await {
+        Ok(code) => found(&format!("{base}/#/auth/complete?code={code}")),
+        Err(refusal) => {
+            let query = oauth2::url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("code", refusal.code)
+                .append_pair("detail", &refusal.detail)
+                .finish();
+            found(&format!("{base}/#/auth/error?{query}"))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExchangeBody {
+    code: String,
+}
+
+async fn oauth_exchange(
+    State(state): State<AppState>,
+    ClientInfo(client): ClientInfo,
+    Json(b): Json<ExchangeBody>,
+) -> ApiResult<Json<SignedIn>> {
+    let (tokens, user) = oauth_flow::exchange(&state, &client, &b.code).await?;
+    signed_in(&state, tokens, user).await
+}
+
+async fn unlink_identity(
+    State(state): State<AppState>,
+    AuthUser(p): AuthUser,
+    ClientInfo(client): ClientInfo,
+    Path(provider): Path<String>,
+) -> ApiResult<StatusCode> {
+    oauth_flow::unlink(&state, &p, &client, &provider).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -260,6 +260,21 @@ pub fn insert_identity(
     Ok(())
 }
 
+/// Keeps an identity's email as the provider last reported it (shown on the account page).
+pub fn update_identity_email(
+    conn: &Connection,
+    provider: &str,
+    subject: &str,
+    email: Option<&str>,
+    email_verified: bool,
+) -> Result<(), StorageError> {
+    conn.execute(
+        "UPDATE identities SET email = ?3, email_verified = ?4 WHERE provider = ?1 AND subject = ?2",
+        params![provider, subject, email, email_verified],
+    )?;
+    Ok(())
+}
+
 pub fn delete_identity(
     conn: &Connection,
     user_id: &str,
