@@ -199,6 +199,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Stripe(StripeCommand::Sync) => crate::cli_admin::stripe_sync(&config)?,
         Command::Config(ConfigCommand::Check) => {
+            // The OAuth providers validate their URLs and secrets when built.
+            crate::auth::oauth::OAuthProviders::new(
+                &config.auth.oauth.provider_configs(),
+                config.public_base(),
+            )
+            .context("invalid [auth.oauth] configuration")?;
             println!(
                 "configuration ok (listen {}, data_dir {}, {} mode)",
                 config.listen,

@@ -160,7 +160,10 @@ const OAUTH_ERRORS = {
   account_exists: 'An account with this email already exists. Sign in with your password, then link this provider from your Account page.',
   access_denied: 'The provider did not grant access.',
   provider_error: 'The provider reported an error. Please try again later.',
-  email_unverified: 'The provider has not verified this email address.',
+  identity_in_use: 'This provider account is already linked to another warpbase account.',
+  already_linked: 'Your account already has an identity from this provider. Unlink it first.',
+  account_disabled: 'This account is disabled. Contact the administrator.',
+  internal: 'Something went wrong on our side. Please try again.',
 };
 
 export async function oauthError(ctx) {
