@@ -319,16 +319,24 @@ fn restore(config: &Config, backup: &Path, force: bool) -> anyhow::Result<()> {
             );
         }
         // Fold the old WAL into its file so the copy we keep is whole. The old database
-        // may be the broken one we are restoring over, so failing here only warns.
-        if let Err(e) = storage::open_writer_conn(&db).and_then(|c| {
-            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-                .map_err(storage::StorageError::from)
-        }) {
+        // may be the broken one we are restoring over, so failing here only warns: its
+        // WAL then moves along with it below.
+        if let Err(e) = storage::checkpoint_file(&db) {
             eprintln!("warning: cannot checkpoint the old database ({e}); replacing it anyway");
         }
         let old = sibling(&db, ".pre-restore");
+        // A WAL of an earlier pre-restore copy must not pair up with this one.
+        for stale in [sibling(&old, "-wal"), sibling(&old, "-shm")] {
+            let _ = std::fs::remove_file(stale);
+        }
         std::fs::rename(&db, &old)
             .with_context(|| format!("cannot move the old database to {}", old.display()))?;
+        let wal = sibling(&db, "-wal");
+        if wal.exists() {
+            let old_wal = sibling(&old, "-wal");
+            std::fs::rename(&wal, &old_wal)
+                .with_context(|| format!("cannot move {} aside", wal.display()))?;
+        }
         kept = Some(old);
     }
     // A WAL left from the old database must never be applied to the restored one.

@@ -296,6 +296,14 @@ pub fn integrity_check(path: &Path) -> Result<(), StorageError> {
     }
 }
 
+/// Checkpoints the WAL of the database at `path` into the file and truncates it. Only
+/// for a database no server has open (restore holds the instance lock).
+pub fn checkpoint_file(path: &Path) -> Result<(), StorageError> {
+    let conn = open_writer_conn(path)?;
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+    Ok(())
+}
+
 /// The schema version (`user_version`) of a database file, opened read-only.
 pub fn schema_version_of(path: &Path) -> Result<i64, StorageError> {
     let conn = Conn::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
