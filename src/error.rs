@@ -28,9 +28,9 @@ pub struct ApiError {
 
 /// The problem document, attached to the response as an extension by `into_response` and
 /// serialised by the problem middleware once the request id is known.
-///
-/// An RFC 9457 problem. Some codes add members (e.g. `plan_limit`: `limit`, `max`, `used`).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(description = "An RFC 9457 problem. Some codes add members \
+    (`plan_limit`: `limit`, `max`, `used`).")]
 #[schema(example = json!({
     "type": "https://warpbase.dev/problems/not_found", "title": "Not Found", "status": 404,
     "code": "not_found", "detail": "no such job", "request_id": "4f1c0e8a-..."

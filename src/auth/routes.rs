@@ -122,7 +122,10 @@ async fn me(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<J
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     password: String,
     name: Option<String>,
 }
@@ -146,6 +149,7 @@ async fn register(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
     password: String,
 }
@@ -218,6 +222,8 @@ async fn logout_all(
 struct PasswordBody {
     #[serde(default)]
     current_password: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     new_password: String,
 }
 
@@ -243,6 +249,7 @@ async fn change_password(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EmailBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
 }
 
@@ -266,6 +273,8 @@ async fn reset_request(
 #[serde(deny_unknown_fields)]
 struct ResetBody {
     token: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     new_password: String,
 }
 
@@ -357,7 +366,10 @@ async fn revoke_session(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct UsersQuery {
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 

@@ -225,7 +225,10 @@ async fn webhook(
 struct EventsQuery {
     #[param(value_type = Option<crate::openapi::EventStatus>)]
     status: Option<String>,
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 

@@ -80,7 +80,10 @@ struct ListQuery {
     #[param(value_type = Option<crate::openapi::JobStatus>)]
     status: Option<String>,
     kind: Option<String>,
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
     /// Admins only: every user's jobs.
     #[serde(default)]
@@ -293,7 +296,10 @@ async fn ticket(State(state): State<AppState>, AuthUser(who): AuthUser) -> Json<
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct DeadQuery {
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
     kind: Option<String>,
 }
