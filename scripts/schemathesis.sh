@@ -23,6 +23,8 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   fi
 fi
 
+venv_abs="$(cd "$venv" && pwd)"
+
 echo "== building the debug binary"
 cargo build --locked --bin warpbase
 bin="$(cd "$target/debug" && pwd)/warpbase"
@@ -68,7 +70,8 @@ status=0
 # Excluded: the webhook (needs a Stripe signature of the exact body), the SSE streams
 # (never end), and the calls that revoke the token this run signs in with (fuzzing reuses
 # ids from responses, so it finds the run's own session id and revokes it).
-"$venv/bin/schemathesis" run "$base/api/v1/openapi.json" \
+# Run from the temp dir: schemathesis keeps a .schemathesis/ cache in its working directory.
+(cd "$data_dir" && "$venv_abs/bin/schemathesis" run "$base/api/v1/openapi.json" \
   --header "Authorization: Bearer $token" \
   --checks not_a_server_error,response_schema_conformance \
   --phases examples,coverage,fuzzing \
@@ -84,7 +87,7 @@ status=0
   --exclude-path /api/v1/auth/logout-all \
   --exclude-path /api/v1/auth/password \
   --exclude-path '/api/v1/auth/sessions/{id}' \
-  --no-color || status=$?
+  --no-color) || status=$?
 
 if [ "$status" -ne 0 ]; then
   echo "== server errors logged during the run:"
