@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test of warpbase: unit and black-box tests (cargo), then the browser
-# end-to-end tests when they exist. Installs what the tests need beyond cargo itself.
+# Runs every test of warpbase: unit and black-box tests (cargo), schemathesis against the
+# OpenAPI document, then the browser end-to-end tests when they exist. Installs what the
+# tests need beyond cargo itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,9 @@ echo "== packaging: systemd unit"
 packaging/check-systemd.sh
 echo "== packaging: .deb"
 packaging/build-deb.sh --smoke
+
+echo "== schemathesis against the OpenAPI document"
+scripts/schemathesis.sh
 
 if [ -x tests/e2e/run.sh ]; then
   echo "== browser end-to-end tests"

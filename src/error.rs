@@ -28,16 +28,25 @@ pub struct ApiError {
 
 /// The problem document, attached to the response as an extension by `into_response` and
 /// serialised by the problem middleware once the request id is known.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(description = "An RFC 9457 problem. Some codes add members \
+    (`plan_limit`: `limit`, `max`, `used`).")]
+#[schema(example = json!({
+    "type": "https://warpbase.dev/problems/not_found", "title": "Not Found", "status": 404,
+    "code": "not_found", "detail": "no such job", "request_id": "4f1c0e8a-..."
+}))]
 pub struct Problem {
     #[serde(rename = "type")]
     pub type_: String,
     pub title: String,
     pub status: u16,
+    /// Stable snake_case error code; clients branch on it.
     pub code: &'static str,
     pub detail: String,
+    /// The `x-request-id` of the response.
     pub request_id: String,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub extra: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod ids;
 pub mod jobs;
 pub mod logging;
+pub mod openapi;
 pub mod ops;
 pub mod secrets;
 pub mod state;

@@ -103,12 +103,16 @@ impl From<AuthError> for ApiError {
 }
 
 /// Tokens handed to a client after sign-in, refresh or password change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
     pub access_token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
     pub token_type: &'static str,
+    /// Seconds until the access token expires.
     pub expires_in: u64,
     pub refresh_token: String,
+    /// Seconds until the refresh token expires.
     pub refresh_expires_in: u64,
 }
 

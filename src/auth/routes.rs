@@ -52,22 +52,25 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/admin/users", get(admin_users))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Identity {
     pub provider: String,
     pub email: Option<String>,
 }
 
 /// The `User` object of the API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = User)]
 pub struct UserView {
     pub id: String,
     pub email: String,
     pub email_verified: bool,
     pub name: Option<String>,
+    #[schema(value_type = crate::openapi::Role)]
     pub role: String,
     pub disabled: bool,
     #[serde(with = "crate::clock::serde_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     pub identities: Vec<Identity>,
     pub plan: Entitlement,
@@ -102,7 +105,7 @@ impl UserView {
 }
 
 /// `TokenPair` plus the user, as sign-in endpoints answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SignedIn {
     #[serde(flatten)]
     pub tokens: TokenPair,
@@ -120,6 +123,9 @@ pub async fn signed_in(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/me", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, description = "The signed-in user", body = UserView),
+        (status = 401, description = "`unauthorized`, `token_expired`, `session_revoked`")))]
 async fn me(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<Json<UserView>> {
     let id = p.user_id.clone();
     let row = state
@@ -130,14 +136,24 @@ async fn me(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<J
     Ok(Json(UserView::build(&state, row).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     password: String,
     name: Option<String>,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/register", tag = "accounts", request_body = RegisterBody,
+    responses((status = 201, description = "Registered and signed in", body = SignedIn),
+        (status = 400, description = "Malformed JSON"),
+        (status = 409, description = "`email_taken`"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input` (e.g. password under 10 characters)"),
+        (status = 429, description = "`rate_limited`")))]
 async fn register(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -147,13 +163,21 @@ async fn register(
     Ok((StatusCode::CREATED, signed_in(&state, tokens, user).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LoginBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
     password: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/login", tag = "accounts", request_body = LoginBody,
+    responses((status = 200, description = "Signed in", body = SignedIn),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "`invalid_credentials`"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`"),
+        (status = 429, description = "`rate_limited` per IP and per email")))]
 async fn login(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -163,12 +187,18 @@ async fn login(
     signed_in(&state, tokens, user).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RefreshBody {
     refresh_token: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/refresh", tag = "accounts", request_body = RefreshBody,
+    responses((status = 200, description = "A new token pair; the presented refresh token stops working", body = SignedIn),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "`unauthorized`, `session_revoked`, `refresh_reused` (the session is revoked)"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`")))]
 async fn refresh(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -178,6 +208,10 @@ async fn refresh(
     signed_in(&state, tokens, user).await
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/logout", tag = "accounts", security(("bearer" = [])),
+    request_body(content = Option<RefreshBody>, description = "Optional; the session is the access token's"),
+    responses((status = 204, description = "The current session is revoked"),
+        (status = 401, description = "`unauthorized`")))]
 async fn logout(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -188,6 +222,9 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/logout-all", tag = "accounts", security(("bearer" = [])),
+    responses((status = 204, description = "Every session and access token of the user is revoked"),
+        (status = 401, description = "`unauthorized`")))]
 async fn logout_all(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -197,14 +234,24 @@ async fn logout_all(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PasswordBody {
     #[serde(default)]
     current_password: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     new_password: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/password", tag = "accounts", security(("bearer" = [])),
+    request_body = PasswordBody,
+    responses((status = 200, description = "Tokens for this client; all other sessions are revoked", body = SignedIn),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "`unauthorized`, `invalid_credentials` (wrong current password)"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`"),
+        (status = 429, description = "`rate_limited`")))]
 async fn change_password(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -216,12 +263,20 @@ async fn change_password(
     signed_in(&state, tokens, user).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct EmailBody {
+    #[schema(format = Email, max_length = 254)]
     email: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/password-reset/request", tag = "accounts",
+    request_body = EmailBody,
+    responses((status = 202, description = "Always; a mail with a one-time token is sent if the account exists", body = crate::openapi::Accepted),
+        (status = 400, description = "Malformed JSON"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`"),
+        (status = 429, description = "`rate_limited`")))]
 async fn reset_request(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -231,13 +286,21 @@ async fn reset_request(
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": true }))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ResetBody {
     token: String,
+    /// At least 10 characters, at most 1024 bytes.
+    #[schema(min_length = 10, max_length = 1024)]
     new_password: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/password-reset", tag = "accounts", request_body = ResetBody,
+    responses((status = 204, description = "Password set; all sessions revoked"),
+        (status = 400, description = "`invalid_grant` (used or expired token), malformed JSON"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`"),
+        (status = 429, description = "`rate_limited`")))]
 async fn reset(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -247,6 +310,10 @@ async fn reset(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/verify-email/request", tag = "accounts", security(("bearer" = [])),
+    responses((status = 202, description = "A mail with a one-time token is sent", body = crate::openapi::Accepted),
+        (status = 401, description = "`unauthorized`"),
+        (status = 429, description = "`rate_limited`")))]
 async fn verify_request(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -255,17 +322,25 @@ async fn verify_request(
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": true }))))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TokenBody {
     token: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/verify-email", tag = "accounts", request_body = TokenBody,
+    responses((status = 204, description = "The email is verified"),
+        (status = 400, description = "`invalid_grant` (used or expired token), malformed JSON"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`")))]
 async fn verify(State(state): State<AppState>, Json(b): Json<TokenBody>) -> ApiResult<StatusCode> {
     service::verify_email(&state, &b.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/api/v1/auth/sessions", tag = "accounts", security(("bearer" = [])),
+    responses((status = 200, description = "The user's live sessions", body = crate::openapi::SessionList),
+        (status = 401, description = "`unauthorized`")))]
 async fn sessions(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<Json<Value>> {
     let uid = p.user_id.clone();
     let now = state.now_millis();
@@ -289,6 +364,11 @@ async fn sessions(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiRe
     Ok(Json(json!({ "items": items })))
 }
 
+#[utoipa::path(delete, path = "/api/v1/auth/sessions/{id}", tag = "accounts", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Session id")),
+    responses((status = 204, description = "The session is revoked"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such session of this user")))]
 async fn revoke_session(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -299,16 +379,26 @@ async fn revoke_session(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct UsersQuery {
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/users", tag = "admin", security(("bearer" = [])),
+    params(UsersQuery),
+    responses((status = 200, description = "Users by creation time", body = crate::openapi::UserPage),
+        (status = 400, description = "`invalid_input`: bad `limit` or `cursor`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: admin role required")))]
 async fn admin_users(
     State(state): State<AppState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Query(q): Query<UsersQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;

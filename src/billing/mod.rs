@@ -78,22 +78,26 @@ impl From<BillingError> for ApiError {
 }
 
 /// Jobs used toward the plan's quota this period.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Usage {
     pub jobs_this_period: u64,
     #[serde(with = "crate::clock::serde_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub period_start: i64,
 }
 
 /// What a user may do right now (the API's `Entitlement`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Entitlement {
     pub plan: String,
+    #[schema(value_type = crate::openapi::SubscriptionStatus)]
     pub status: &'static str,
     #[serde(with = "crate::clock::serde_ms::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub current_period_end: Option<i64>,
     pub cancel_at_period_end: bool,
     #[serde(with = "crate::clock::serde_ms::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub grace_until: Option<i64>,
     pub limits: PlanLimits,
     pub metered: bool,

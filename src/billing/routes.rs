@@ -30,6 +30,8 @@ pub fn router() -> Router<AppState> {
         .merge(super::fake::router())
 }
 
+#[utoipa::path(get, path = "/api/v1/billing/plans", tag = "billing",
+    responses((status = 200, description = "The plans; `free` is always present", body = crate::openapi::PlanList)))]
 async fn plans(State(state): State<AppState>) -> Json<Value> {
     let items: Vec<Value> = state
         .billing
@@ -64,6 +66,9 @@ pub async fn entitlement_with_usage(
     Ok(ent)
 }
 
+#[utoipa::path(get, path = "/api/v1/billing/subscription", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "What the user may do right now, with this period's usage", body = super::Entitlement),
+        (status = 401, description = "`unauthorized`")))]
 async fn subscription(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -71,12 +76,21 @@ async fn subscription(
     Ok(Json(entitlement_with_usage(&state, &p.user_id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CheckoutBody {
     plan: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/billing/checkout", tag = "billing", security(("bearer" = [])),
+    request_body = CheckoutBody,
+    responses((status = 200, description = "A Stripe Checkout session to redirect to", body = crate::openapi::CheckoutSession),
+        (status = 400, description = "Malformed JSON"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 409, description = "`already_subscribed`: use the portal to change plan"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`: unknown paid plan"),
+        (status = 503, description = "`unavailable`: Stripe is not reachable")))]
 async fn checkout(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -152,6 +166,11 @@ async fn ensure_customer(state: &AppState, user_id: &str) -> ApiResult<String> {
     Ok(stored.unwrap_or(created))
 }
 
+#[utoipa::path(post, path = "/api/v1/billing/portal", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "A Stripe billing portal session", body = crate::openapi::PortalSession),
+        (status = 401, description = "`unauthorized`"),
+        (status = 409, description = "`conflict`: no billing account yet"),
+        (status = 503, description = "`unavailable`: Stripe is not reachable")))]
 async fn portal(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<Json<Value>> {
     let uid = p.user_id.clone();
     let customer = state
@@ -175,6 +194,13 @@ async fn portal(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResu
     Ok(Json(json!({ "url": url })))
 }
 
+#[utoipa::path(post, path = "/api/v1/billing/webhook", tag = "billing",
+    params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the raw body (300 s tolerance)")),
+    request_body(content = serde_json::Value, content_type = "application/json", description = "A raw Stripe event"),
+    responses((status = 200, description = "Recorded (and applied, ignored or stale)", body = crate::openapi::WebhookReceipt),
+        (status = 400, description = "`invalid_signature`: bad, missing or expired signature"),
+        (status = 413, description = "`payload_too_large`"),
+        (status = 500, description = "`internal`: applying failed and was rolled back; Stripe retries")))]
 async fn webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -193,17 +219,28 @@ async fn webhook(
     ))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    #[param(value_type = Option<crate::openapi::EventStatus>)]
     status: Option<String>,
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/billing/events", tag = "admin", security(("bearer" = [])),
+    params(EventsQuery),
+    responses((status = 200, description = "Processed Stripe events, newest first", body = crate::openapi::BillingEventPage),
+        (status = 400, description = "`invalid_input`: bad `status`, `limit` or `cursor`"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: admin role required")))]
 async fn events(
     State(state): State<AppState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Query(qy): Query<EventsQuery>,
 ) -> ApiResult<Json<Value>> {
     if let Some(s) = &qy.status
@@ -259,9 +296,15 @@ async fn events(
     Ok(Json(json!({ "items": items, "next_cursor": next })))
 }
 
+#[utoipa::path(post, path = "/api/v1/admin/billing/events/{id}/replay", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Stripe event id")),
+    responses((status = 200, description = "The event was applied again", body = crate::openapi::ReplayResult),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: admin role required"),
+        (status = 404, description = "`not_found`: no such recorded event")))]
 async fn replay(
     State(state): State<AppState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let p = state.billing.replay(&id).await?;

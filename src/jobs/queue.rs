@@ -52,17 +52,22 @@ impl From<JobError> for ApiError {
 }
 
 /// The body of `POST /api/v1/jobs`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// A built-in kind (`demo`, `analyze`) or one from the config.
+    #[schema(example = "demo")]
     pub kind: String,
+    /// Kind-specific; `demo`: `{steps, step_ms, fail_attempts?, permanent_fail?}`.
     #[serde(default)]
+    #[schema(example = json!({"steps": 3, "step_ms": 10}))]
     pub payload: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub run_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
@@ -279,11 +284,13 @@ pub async fn discard(state: &AppState, id: &str) -> Result<(), JobError> {
 }
 
 /// The `Job` object of the API.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Job)]
 pub struct JobView {
     pub id: String,
     pub kind: String,
     pub queue: String,
+    #[schema(value_type = crate::openapi::JobStatus)]
     pub status: String,
     pub priority: i64,
     pub attempt: u32,
@@ -293,17 +300,23 @@ pub struct JobView {
     pub result: Option<Value>,
     pub error: Option<String>,
     #[serde(with = "crate::clock::serde_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: i64,
     #[serde(with = "crate::clock::serde_ms::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<i64>,
     #[serde(with = "crate::clock::serde_ms::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub finished_at: Option<i64>,
     #[serde(with = "crate::clock::serde_ms")]
+    #[schema(value_type = String, format = DateTime)]
     pub run_at: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[schema(as = Progress)]
 pub struct ProgressView {
+    #[schema(maximum = 100)]
     pub pct: u8,
     pub message: String,
 }

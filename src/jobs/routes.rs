@@ -42,6 +42,17 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and body again returns the same job (200)")),
+    request_body = SubmitRequest,
+    responses((status = 202, description = "Queued", body = JobView),
+        (status = 200, description = "The job an earlier request with this Idempotency-Key created", body = JobView),
+        (status = 400, description = "Malformed JSON or Idempotency-Key"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`plan_limit`: over the plan's quota (members `limit`, `max`, `used`)"),
+        (status = 409, description = "`conflict`: the Idempotency-Key was used with a different body"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`: unknown kind, bad payload, queue, priority, run_at or max_attempts")))]
 async fn submit(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -62,13 +73,19 @@ async fn submit(
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    #[param(value_type = Option<crate::openapi::JobStatus>)]
     status: Option<String>,
     kind: Option<String>,
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Admins only: every user's jobs.
     #[serde(default)]
     all: bool,
 }
@@ -82,6 +99,12 @@ const STATUSES: [&str; 6] = [
     "canceled",
 ];
 
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),
+    params(ListQuery),
+    responses((status = 200, description = "The user's jobs, newest first", body = crate::openapi::JobPage),
+        (status = 400, description = "`invalid_input`: bad `status`, `limit` or query"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: `all=true` needs the admin role")))]
 async fn list(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -137,6 +160,11 @@ fn page(mut rows: Vec<q::JobRow>, limit: usize) -> serde_json::Value {
     json!({ "items": items, "next_cursor": next })
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The job", body = JobView),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such job of this user")))]
 async fn get_job(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -145,6 +173,11 @@ async fn get_job(
     Ok(Json(queue::get_visible(&state, &who, &id).await?.into()))
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/attempts", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "The job's attempts, oldest first", body = crate::openapi::AttemptList),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such job of this user")))]
 async fn attempts(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -167,6 +200,12 @@ async fn attempts(
     Ok(Json(json!({ "items": items })))
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "Canceled (a running job is signalled and ends `canceled`)", body = JobView),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such job of this user"),
+        (status = 409, description = "`conflict`: the job has already finished")))]
 async fn cancel(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -175,6 +214,13 @@ async fn cancel(
     Ok(Json(queue::cancel(&state, &who, &id).await?.into()))
 }
 
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/retry", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Job id")),
+    responses((status = 200, description = "Queued again with a fresh budget of attempts", body = JobView),
+        (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`plan_limit`"),
+        (status = 404, description = "`not_found`: no such job of this user"),
+        (status = 409, description = "`conflict`: only `dead` or `canceled` jobs can be retried")))]
 async fn retry(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -216,6 +262,12 @@ fn last_event_id(headers: &HeaderMap) -> Option<u64> {
         .and_then(|s| s.trim().parse().ok())
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = []), ("ticket" = [])),
+    params(("id" = String, Path, description = "Job id"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
+    responses((status = 200, description = "Server-sent events `state`, `progress`, then `done`, after which the stream closes", content_type = "text/event-stream", body = String),
+        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket"),
+        (status = 404, description = "`not_found`: no such job of this user")))]
 async fn job_events(
     State(state): State<AppState>,
     StreamUser(who): StreamUser,
@@ -226,25 +278,41 @@ async fn job_events(
     Ok(sse::job_stream(state, row, last_event_id(&headers)).into_response())
 }
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "jobs", security(("bearer" = []), ("ticket" = [])),
+    responses((status = 200, description = "Server-sent events `state`, `progress` and `done` of all the user's jobs", content_type = "text/event-stream", body = String),
+        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket")))]
 async fn user_events(State(state): State<AppState>, StreamUser(who): StreamUser) -> Response {
     sse::user_stream(state, who.user_id).into_response()
 }
 
+#[utoipa::path(post, path = "/api/v1/events/ticket", tag = "jobs", security(("bearer" = [])),
+    responses((status = 200, description = "A single-use ticket (60 s) for `EventSource`, which cannot send headers", body = crate::openapi::Ticket),
+        (status = 401, description = "`unauthorized`")))]
 async fn ticket(State(state): State<AppState>, AuthUser(who): AuthUser) -> Json<serde_json::Value> {
     Json(json!({ "ticket": state.jobs.issue_ticket(who), "expires_in": 60 }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeadQuery {
+    /// Page size, default 50.
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
     kind: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/v1/admin/jobs/dead", tag = "admin", security(("bearer" = [])),
+    params(DeadQuery),
+    responses((status = 200, description = "The dead-letter queue, newest first", body = crate::openapi::JobPage),
+        (status = 400, description = "`invalid_input`: bad `limit` or query"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: admin role required")))]
 async fn dead_letters(
     State(state): State<AppState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Query(qy): Query<DeadQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
     list_jobs(
@@ -261,9 +329,15 @@ async fn dead_letters(
     .await
 }
 
+#[utoipa::path(delete, path = "/api/v1/admin/jobs/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Id of a dead job")),
+    responses((status = 204, description = "Discarded"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 403, description = "`forbidden`: admin role required"),
+        (status = 404, description = "`not_found`: no dead job with this id")))]
 async fn discard(
     State(state): State<AppState>,
-    AdminUser(_): AdminUser,
+    AdminUser(_admin): AdminUser,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     queue::discard(&state, &id).await.map_err(|e| match e {
@@ -275,6 +349,16 @@ async fn discard(
 
 /// Stores an archive for the `analyze` kind: a raw body, or the first file of a
 /// multipart form. Streams to disk with the plan's size limit enforced as bytes arrive.
+#[utoipa::path(post, path = "/api/v1/uploads", tag = "jobs", security(("bearer" = [])),
+    request_body(content(
+        (Vec<u8> = "application/octet-stream"),
+        (crate::openapi::UploadForm = "multipart/form-data")),
+        description = "A tar.gz or zip archive, raw or as the first file of a form"),
+    responses((status = 201, description = "Stored, for the `analyze` kind", body = crate::openapi::Upload),
+        (status = 400, description = "`invalid_input`: malformed form or interrupted upload"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 413, description = "`payload_too_large`: over the plan's `max_upload_bytes`"),
+        (status = 422, description = "`invalid_input`: empty upload or form without a file")))]
 async fn upload(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,

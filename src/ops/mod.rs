@@ -1,4 +1,5 @@
-//! Operations endpoints: liveness, readiness and Prometheus metrics; scheduled backups.
+//! Operations endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document;
+//! scheduled backups.
 
 pub mod backup;
 
@@ -67,7 +68,8 @@ impl Metrics {
 pub fn router(with_metrics: bool) -> Router<AppState> {
     let r = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/api/v1/openapi.json", get(openapi_json));
     if with_metrics {
         r.route("/metrics", get(metrics_text))
     } else {
@@ -89,11 +91,16 @@ pub fn metrics_router(state: AppState) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "`ok` while the process serves", content_type = "text/plain", body = String)))]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// 200 when migrations are applied and the writer commits; 503 otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "ops",
+    responses((status = 200, description = "`ready`: migrations applied and the database writable", content_type = "text/plain", body = String),
+        (status = 503, description = "`unavailable`: starting, stopping, or the database is not writable")))]
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.is_ready() {
         return ApiError::unavailable("starting up or shutting down").into_response();
@@ -108,6 +115,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops",
+    responses((status = 200, description = "Prometheus text format (served here unless `metrics_listen` is set)", content_type = "text/plain; version=0.0.4", body = String)))]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     (
         [(
@@ -117,4 +126,11 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// The OpenAPI document, generated from the handlers' annotations.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "ops",
+    responses((status = 200, description = "OpenAPI 3.1 of this API", content_type = "application/json", body = Object)))]
+async fn openapi_json() -> crate::http::Json<utoipa::openapi::OpenApi> {
+    crate::http::Json(crate::openapi::api_doc())
 }
