@@ -103,7 +103,14 @@ async function go(hash) {
   const target = `${BASE}/#/${hash}`;
   // Same URL: goto would be a no-op and leave a stale page; go through another route so
   // the view renders afresh (a reload would also work but restarts the whole app).
-  if (page.url() === target) await page.goto(`${BASE}/#/${hash === 'billing' ? '' : 'billing'}`);
+  if (page.url() === target) {
+    // A detour that renders without redirecting (public pages to public pages).
+    const detour = hash === 'register' ? 'signin'
+      : ['signin', 'forgot'].includes(hash) ? 'register'
+        : hash === 'billing' ? 'account' : 'billing';
+    await page.goto(`${BASE}/#/${detour}`);
+    await page.locator('main#main h1').first().waitFor();
+  }
   await page.goto(target);
   await page.locator('main#main h1').first().waitFor();
 }
