@@ -210,3 +210,10 @@ pub fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
         ))),
     }
 }
+
+/// Parses a `<millis>:<id>` list cursor (lists ordered by a time, then an id).
+pub fn time_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+    let malformed = || ApiError::bad_request("malformed cursor");
+    let (t, id) = cursor.split_once(':').ok_or_else(malformed)?;
+    Ok((t.parse::<i64>().map_err(|_| malformed())?, id.to_string()))
+}

@@ -14,7 +14,7 @@ use super::service;
 use crate::auth::{AdminUser, AuthUser, TokenPair};
 use crate::billing::Entitlement;
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Json, Query, page_limit};
+use crate::http::{Json, Query, page_limit, time_cursor};
 use crate::state::AppState;
 use crate::storage::auth as sa;
 use crate::storage::users::{self, UserRow};
@@ -402,19 +402,7 @@ async fn admin_users(
     Query(q): Query<UsersQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = page_limit(q.limit)?;
-    let after = match &q.cursor {
-        Some(c) => {
-            let (t, id) = c
-                .split_once(':')
-                .ok_or_else(|| ApiError::bad_request("malformed cursor"))?;
-            Some((
-                t.parse::<i64>()
-                    .map_err(|_| ApiError::bad_request("malformed cursor"))?,
-                id.to_string(),
-            ))
-        }
-        None => None,
-    };
+    let after = q.cursor.as_deref().map(time_cursor).transpose()?;
     let mut rows = state
         .storage
         .read(move |c| {

@@ -12,7 +12,7 @@ use super::stripe::CheckoutRequest;
 use super::{BillingError, Usage};
 use crate::auth::{AdminUser, AuthUser};
 use crate::error::{ApiError, ApiResult};
-use crate::http::{Json, Query, page_limit};
+use crate::http::{Json, Query, page_limit, time_cursor};
 use crate::state::AppState;
 use crate::storage::billing as sb;
 use crate::storage::jobs as q;
@@ -251,19 +251,7 @@ async fn events(
         ));
     }
     let limit = page_limit(qy.limit)?;
-    let before = match &qy.cursor {
-        Some(c) => {
-            let (t, id) = c
-                .split_once(':')
-                .ok_or_else(|| ApiError::bad_request("malformed cursor"))?;
-            Some((
-                t.parse::<i64>()
-                    .map_err(|_| ApiError::bad_request("malformed cursor"))?,
-                id.to_string(),
-            ))
-        }
-        None => None,
-    };
+    let before = qy.cursor.as_deref().map(time_cursor).transpose()?;
     let status = qy.status.clone();
     let mut rows = state
         .storage
