@@ -442,6 +442,23 @@ impl Server {
     }
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the `(comm)`, which may contain spaces, utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    if f.len() < 13 || hz <= 0.0 {
+        return 0.0;
+    }
+    (f[11] + f[12]) / hz
+}
+
 // ---------------------------------------------------------------------------------------
 // Load generation
 
@@ -896,13 +913,19 @@ async fn scenario_http(p: &Params, paths: &Paths, rep: &mut Report) -> Result<()
     let (mut h, mut m) = (Vec::new(), Vec::new());
     let mut tool = "";
     // Alternate so drift in machine load hits both sides alike.
+    let (mut h_cpu, mut m_cpu) = (0.0, 0.0);
     for _ in 0..p.http_rounds {
+        let c0 = cpu_secs(hello.id());
         let (r, t) = get_load(&hello_url, None, p.conns, p.secs).await?;
+        h_cpu += (cpu_secs(hello.id()) - c0) / (r.rps * p.secs.ceil()).max(1.0);
         h.push(r);
+        let c0 = cpu_secs(server.child.id());
         let (r, t2) = get_load(&me_url, Some(&user.token), p.conns, p.secs).await?;
+        m_cpu += (cpu_secs(server.child.id()) - c0) / (r.rps * p.secs.ceil()).max(1.0);
         m.push(r);
         tool = if t == t2 { t } else { "mixed" };
     }
+    let rounds = p.http_rounds as f64;
     let _ = hello.kill();
     let _ = hello.wait();
     server.stop();
@@ -923,6 +946,14 @@ async fn scenario_http(p: &Params, paths: &Paths, rep: &mut Report) -> Result<()
         .baseline("hello", h_rps)
         .ratio_target(0.5)
         .note(note);
+    rep.add(
+        "http",
+        "GET /api/v1/me server CPU per request",
+        m_cpu / rounds * 1e6,
+        "us",
+    )
+    .baseline("hello", h_cpu / rounds * 1e6)
+    .note("utime+stime of the server process over the phase / requests answered");
     rep.add("http", "GET /api/v1/me p50", m_p50, "ms")
         .baseline("hello", h_p50);
     rep.add("http", "GET /api/v1/me p99", m_p99, "ms")
@@ -1057,6 +1088,7 @@ async fn scenario_webhook(
     let next = Arc::new(AtomicU64::new(0));
     let accepted: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let redelivered = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_secs(server.child.id());
     let mut load = {
         let (pool, next, accepted, redelivered) = (
             pool.clone(),
@@ -1108,6 +1140,7 @@ async fn scenario_webhook(
         })
         .await
     };
+    let cpu = cpu_secs(server.child.id()) - cpu0;
     // Verify in the database: every accepted event exactly once, nothing else.
     let accepted = std::mem::take(&mut *accepted.lock().map_err(|e| anyhow!("{e}"))?);
     let db = server.db()?;
@@ -1162,7 +1195,13 @@ async fn scenario_webhook(
         statuses.join(", "),
         redelivered.load(Ordering::Relaxed)
     ));
-    let _ = deliveries;
+    rep.add(
+        "webhook",
+        "server CPU per delivery",
+        cpu / deliveries.max(1) as f64 * 1e6,
+        "us",
+    )
+    .note("utime+stime of the server process over the phase / deliveries (incl. redeliveries)");
     rep.add("webhook", "webhook p50", load.pct(0.5), "ms");
     rep.add("webhook", "webhook p99", load.pct(0.99), "ms");
     Ok(())
@@ -1314,6 +1353,7 @@ async fn scenario_jobs(p: &Params, paths: &Paths, rep: &mut Report) -> Result<()
 
     // c) End to end: no-op jobs submitted at full speed, until all succeeded.
     let e2e = register(&server, "e2e").await?;
+    let cpu0 = cpu_secs(server.child.id());
     let sub = submit_jobs(&server, &e2e, p.conns, p.dur(), 0, None).await;
     rep.check(
         format!("jobs e2e submit: {} errors {:?}", sub.err, sub.errors),
@@ -1324,6 +1364,7 @@ async fn scenario_jobs(p: &Params, paths: &Paths, rep: &mut Report) -> Result<()
         format!("jobs e2e: {} of {} succeeded", s.succeeded, s.total),
         s.succeeded == s.total && s.total == sub.ok,
     );
+    let cpu = cpu_secs(server.child.id()) - cpu0;
     let span_ms = (s.max_finished - s.min_created).max(1) as f64;
     let e2e_rate = s.total as f64 / span_ms * 1000.0;
     rep.add(
@@ -1338,6 +1379,13 @@ async fn scenario_jobs(p: &Params, paths: &Paths, rep: &mut Report) -> Result<()
         "{} conns submitting; {} jobs; {cfg}",
         p.conns, s.total
     ));
+    rep.add(
+        "jobs",
+        "server CPU per no-op job",
+        cpu / s.total.max(1) as f64 * 1e6,
+        "us",
+    )
+    .note("submit + claim + run + finish: utime+stime from first submit to last finish / jobs");
     let mut delays = start_delays_us(&server, &e2e.id)?;
     rep.add(
         "jobs",
