@@ -767,7 +767,7 @@ async fn get_load(
 // ---------------------------------------------------------------------------------------
 // Scenarios
 
-/// 7. Durable commits through the group-commit writer vs raw fsync'ed commits
+/// Scenario 7: durable commits through the group-commit writer vs raw fsync'ed commits
 /// (bench/writer.rs, run as a child process). Returns raw commits/s for scenario 3.
 fn scenario_writer(p: &Params, paths: &Paths, rep: &mut Report) -> Result<f64> {
     eprintln!("[writer] group commit vs raw fsync'ed commits");
@@ -1529,7 +1529,9 @@ fn status_of(data: &str) -> Option<(String, String)> {
 async fn sse_start_latency(server: &Server, user: &User, p: &Params) -> Result<(Vec<u64>, usize)> {
     let stop = CancellationToken::new();
     let resp = open_events(&reqwest::Client::new(), server, &user.token).await?;
-    let seen: Arc<Mutex<HashMap<String, (Option<Instant>, Option<Instant>)>>> = Default::default();
+    /// Per job: when its `queued` and its `running` state event arrived.
+    type Arrivals = HashMap<String, (Option<Instant>, Option<Instant>)>;
+    let seen: Arc<Mutex<Arrivals>> = Default::default();
     let reader = {
         let (stop, seen) = (stop.clone(), seen.clone());
         tokio::spawn(async move {
