@@ -65,22 +65,18 @@ pub fn insert_user(conn: &Connection, u: &NewUser<'_>) -> Result<UserRow, Storag
 }
 
 pub fn get_user(conn: &Connection, id: &str) -> Result<Option<UserRow>, StorageError> {
+    // Cached: on every `/me` and login; parsing the statement cost more than running it.
     Ok(conn
-        .query_row(
-            &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
-            [id],
-            user_from_row,
-        )
+        .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id = ?1"))?
+        .query_row([id], user_from_row)
         .optional()?)
 }
 
 pub fn get_user_by_email(conn: &Connection, email: &str) -> Result<Option<UserRow>, StorageError> {
+    // Cached: on every `/me` and login; parsing the statement cost more than running it.
     Ok(conn
-        .query_row(
-            &format!("SELECT {USER_COLS} FROM users WHERE email = ?1"),
-            [email],
-            user_from_row,
-        )
+        .prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE email = ?1"))?
+        .query_row([email], user_from_row)
         .optional()?)
 }
 
