@@ -157,7 +157,7 @@ pub async fn submit(
             if billable {
                 // Counted inside the writer, so concurrent submissions cannot overshoot.
                 let limits = entitlement.limits;
-                let active = q::count_active_for_user(c, &user_id)?;
+                let active = q::count_active_up_to(c, &user_id, u64::from(limits.concurrent_jobs))?;
                 if active >= u64::from(limits.concurrent_jobs) {
                     return Err(JobError::PlanLimit {
                         what: "concurrent jobs",
@@ -165,7 +165,12 @@ pub async fn submit(
                         used: active,
                     });
                 }
-                let used = q::count_created_since(c, &user_id, entitlement.period_start)?;
+                let used = q::count_created_since_up_to(
+                    c,
+                    &user_id,
+                    entitlement.period_start,
+                    limits.jobs_per_period,
+                )?;
                 if used >= limits.jobs_per_period {
                     return Err(JobError::PlanLimit {
                         what: "jobs this period",

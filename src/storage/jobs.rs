@@ -120,14 +120,39 @@ pub fn find_by_idempotency_key(
         .optional()?)
 }
 
-/// Jobs of a user that hold a concurrency slot (queued, running or waiting to retry).
-pub fn count_active_for_user(conn: &Connection, user_id: &str) -> Result<u64, StorageError> {
+/// Whether the user holds at least `limit` concurrency slots, counting at most `limit`
+/// rows so a quota check costs O(limit), not O(the user's history), inside the writer.
+pub fn count_active_up_to(
+    conn: &Connection,
+    user_id: &str,
+    limit: u64,
+) -> Result<u64, StorageError> {
     Ok(conn
         .prepare_cached(
-            "SELECT COUNT(*) FROM jobs
-             WHERE user_id = ?1 AND status IN ('queued', 'running', 'retrying')",
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs
+             WHERE user_id = ?1 AND status IN ('queued', 'running', 'retrying') LIMIT ?2)",
         )?
-        .query_row([user_id], |r| r.get(0))?)
+        .query_row(params![user_id, limit.min(i64::MAX as u64) as i64], |r| {
+            r.get(0)
+        })?)
+}
+
+/// Jobs submitted since `since`, counting at most `limit` (see [`count_active_up_to`]).
+pub fn count_created_since_up_to(
+    conn: &Connection,
+    user_id: &str,
+    since: Millis,
+    limit: u64,
+) -> Result<u64, StorageError> {
+    let lower = crate::ids::id_floor_for_millis(since);
+    Ok(conn
+        .prepare_cached(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE user_id = ?1 AND id >= ?2 LIMIT ?3)",
+        )?
+        .query_row(
+            params![user_id, lower, limit.min(i64::MAX as u64) as i64],
+            |r| r.get(0),
+        )?)
 }
 
 /// Jobs a user submitted since `since` (the plan's period quota).
