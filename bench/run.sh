@@ -41,10 +41,15 @@ else
 fi
 
 echo "== building (${profile_flag[*]:-dev})" >&2
-# Separately: examples enable dev-dependency features (tokio test-util), and the server
-# must be exactly the binary `cargo build --release` ships.
-cargo build "${profile_flag[@]}" --locked --quiet --bin warpbase
-cargo build "${profile_flag[@]}" --locked --quiet --example bench --example hello --example writer
+if [ "$mode" = --smoke ]; then
+  # One invocation, like `cargo test --all-targets`, so its artifacts are reused.
+  cargo build --locked --quiet --bin warpbase --example bench --example hello --example writer
+else
+  # Separately: examples enable dev-dependency features (tokio test-util), and the server
+  # must be exactly the binary `cargo build --release` ships.
+  cargo build "${profile_flag[@]}" --locked --quiet --bin warpbase
+  cargo build "${profile_flag[@]}" --locked --quiet --example bench --example hello --example writer
+fi
 
 # The SSE scenario holds thousands of sockets on each side.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
