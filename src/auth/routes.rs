@@ -97,30 +97,49 @@ impl UserView {
         }
     }
 
+    /// The view of a user row: this period's usage and the identities in one read.
     pub async fn build(state: &AppState, row: UserRow) -> ApiResult<UserView> {
-        let plan = crate::billing::routes::entitlement_with_usage(state, &row.id).await?;
-        let uid = row.id.clone();
-        let identities = state
-            .storage
-            .read(move |c| sa::identities_of(c, &uid))
+        let id = row.id.clone();
+        Self::load(state, &id, Some(row))
             .await?
-            .into_iter()
-            .map(|i| Identity {
-                provider: i.provider,
-                email: i.email,
+            .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))
+    }
+
+    /// The view of `user_id` with one blocking read (one pool checkout, one read
+    /// transaction) for the row (unless given), the usage and the identities; the
+    /// entitlement comes from the billing cache. `None` if the user does not exist.
+    async fn load(
+        state: &AppState,
+        user_id: &str,
+        row: Option<UserRow>,
+    ) -> ApiResult<Option<UserView>> {
+        let mut plan = state.billing.entitlement(user_id).await;
+        let id = user_id.to_string();
+        let since = plan.period_start;
+        let (row, used, identities) = state
+            .storage
+            .read(move |c| {
+                let row = match row {
+                    Some(r) => r,
+                    None => match users::get_user(c, &id)? {
+                        Some(r) => r,
+                        None => {
+                            return Ok::<_, crate::storage::StorageError>((None, 0, Vec::new()));
+                        }
+                    },
+                };
+                let used = crate::storage::jobs::count_created_since(c, &id, since)?;
+                Ok((Some(row), used, sa::identities_of(c, &id)?))
             })
-            .collect();
-        Ok(UserView {
-            id: row.id,
-            email: row.email,
-            email_verified: row.email_verified,
-            name: row.name,
-            role: row.role,
-            disabled: row.disabled,
-            created_at: row.created_at,
-            identities,
-            plan,
-        })
+            .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        plan.usage = Some(crate::billing::Usage {
+            jobs_this_period: used,
+            period_start: since,
+        });
+        Ok(Some(UserView::from_parts(row, plan, identities)))
     }
 }
 
@@ -147,27 +166,10 @@ pub async fn signed_in(
     responses((status = 200, description = "The signed-in user", body = UserView),
         (status = 401, description = "`unauthorized`, `token_expired`, `session_revoked`")))]
 async fn me(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResult<Json<UserView>> {
-    // One blocking read (one pool checkout, one read transaction) for the user, this
-    // period's usage and the identities, instead of three: `/me` is the hottest route.
-    let mut plan = state.billing.entitlement(&p.user_id).await;
-    let id = p.user_id.clone();
-    let since = plan.period_start;
-    let (row, used, identities) = state
-        .storage
-        .read(move |c| {
-            let Some(row) = users::get_user(c, &id)? else {
-                return Ok::<_, crate::storage::StorageError>((None, 0, Vec::new()));
-            };
-            let used = crate::storage::jobs::count_created_since(c, &id, since)?;
-            Ok((Some(row), used, sa::identities_of(c, &id)?))
-        })
-        .await?;
-    let row = row.ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
-    plan.usage = Some(crate::billing::Usage {
-        jobs_this_period: used,
-        period_start: since,
-    });
-    Ok(Json(UserView::from_parts(row, plan, identities)))
+    let view = UserView::load(&state, &p.user_id, None)
+        .await?
+        .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))?;
+    Ok(Json(view))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]

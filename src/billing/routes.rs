@@ -48,10 +48,7 @@ async fn plans(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// The entitlement with this period's usage counted.
-pub async fn entitlement_with_usage(
-    state: &AppState,
-    user_id: &str,
-) -> ApiResult<super::Entitlement> {
+async fn entitlement_with_usage(state: &AppState, user_id: &str) -> ApiResult<super::Entitlement> {
     let mut ent = state.billing.entitlement(user_id).await;
     let uid = user_id.to_string();
     let since = ent.period_start;
