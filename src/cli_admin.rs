@@ -101,17 +101,6 @@ pub fn jobs_dead(
     })
 }
 
-fn webhook_secret(config: &Config) -> anyhow::Result<String> {
-    match config.stripe.webhook_secrets.iter().find(|s| !s.is_empty()) {
-        Some(s) => Ok(s.expose().to_string()),
-        None => Ok(crate::secrets::load_or_generate(
-            &config.data_dir,
-            "stripe_webhook.key",
-            "whsec_",
-        )?),
-    }
-}
-
 pub fn stripe_trigger(
     config: &Config,
     event: &str,
@@ -135,7 +124,10 @@ pub fn stripe_trigger(
             "unknown event {other:?}; one of: invoice.paid, invoice.payment_failed, customer.subscription.deleted, customer.subscription.updated, resume (checkout.session.completed happens on the fake checkout page)"
         ),
     };
-    let secret = webhook_secret(config)?;
+    let secret = crate::billing::webhook_secrets(config)?
+        .into_iter()
+        .next()
+        .context("no webhook secret")?;
     let base = url.unwrap_or_else(|| config.public_base().to_string());
     let webhook = format!("{}/api/v1/billing/webhook", base.trim_end_matches('/'));
     runtime()?.block_on(async {
@@ -186,8 +178,8 @@ pub fn stripe_sync(config: &Config) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let storage = open(config).await?;
         let clock: SharedClock = Arc::new(SystemClock);
-        let secret = webhook_secret(config)?;
-        let billing = crate::billing::Billing::new(config, storage.clone(), clock, secret)?;
+        let secrets = crate::billing::webhook_secrets(config)?;
+        let billing = crate::billing::Billing::new(config, storage.clone(), clock, secrets)?;
         let result = billing.sync_all().await;
         storage.close().await?;
         let r = result?;

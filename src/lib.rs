@@ -94,11 +94,10 @@ impl App {
             jwt_secret.as_bytes(),
             oauth,
         );
-        let fake_webhook_secret =
-            secrets::load_or_generate(&data_dir, "stripe_webhook.key", "whsec_")
-                .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
+        let webhook_secrets = billing::webhook_secrets(&config)
+            .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
         let billing =
-            billing::Billing::new(&config, storage.clone(), clock.clone(), fake_webhook_secret)
+            billing::Billing::new(&config, storage.clone(), clock.clone(), webhook_secrets)
                 .context("cannot set up the Stripe client")?;
         let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
         kinds.extend(opts.extra_kinds);

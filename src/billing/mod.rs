@@ -136,26 +136,32 @@ struct Inner {
     fail_next_apply: std::sync::atomic::AtomicBool,
 }
 
+/// The webhook secrets accepted (the first also signs the fake Stripe's events): the
+/// configured ones, or else one generated once into `data_dir/secrets`.
+pub fn webhook_secrets(config: &Config) -> std::io::Result<Vec<String>> {
+    let configured: Vec<String> = config
+        .stripe
+        .webhook_secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.expose().to_string())
+        .collect();
+    if !configured.is_empty() {
+        return Ok(configured);
+    }
+    crate::secrets::load_or_generate(&config.data_dir, "stripe_webhook.key", "whsec_")
+        .map(|s| vec![s])
+}
+
 impl Billing {
-    /// `fake_secret`: the offline webhook secret (generated into data_dir) used when no
-    /// secret is configured.
+    /// `webhook_secrets`: from [`webhook_secrets`]; must not be empty.
     pub fn new(
         config: &Config,
         storage: Storage,
         clock: SharedClock,
-        fake_secret: String,
+        webhook_secrets: Vec<String>,
     ) -> Result<Billing, StripeError> {
         let offline = config.stripe.offline();
-        let mut webhook_secrets: Vec<String> = config
-            .stripe
-            .webhook_secrets
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| s.expose().to_string())
-            .collect();
-        if webhook_secrets.is_empty() {
-            webhook_secrets.push(fake_secret);
-        }
         let public_base = config.public_base().to_string();
         let (stripe, fake): (Arc<dyn StripeApi>, _) = if offline {
             let f = Arc::new(fake::FakeStripe::new(
