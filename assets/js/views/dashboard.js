@@ -54,6 +54,22 @@ export async function render(ctx) {
   }
   more.addEventListener('click', () => load({ append: true }));
 
+  // A job submitted here can finish before its row exists (events arrive ahead of the
+  // POST answer and may be missed): follow it by polling until it is final. The live
+  // stream normally gets there first; this only makes the row converge regardless.
+  function follow(id, tries = 0) {
+    const r = rows.get(id);
+    if (!r || !ACTIVE.has(r.job.status) || tries > 60 || !document.contains(list)) return;
+    setTimeout(() => {
+      // Only a final state is taken from the poll: live progress is fresher than the
+      // stored one (saved at most once a second), so an active poll must not overwrite it.
+      api('GET', `/jobs/${id}`).then((j) => {
+        if (ACTIVE.has(j.status)) follow(id, tries + 1); else rows.get(id)?.update(j);
+      })
+        .catch(() => {});
+    }, 1000);
+  }
+
   const fetching = new Set();
   async function onUnknown(id) {
     // An event for a job we don't show yet (started in another tab, or its POST answer
@@ -118,6 +134,7 @@ export async function render(ctx) {
     if (d.get('permanent_fail')) payload.permanent_fail = true;
     const job = await api('POST', '/jobs', { body: { kind: 'demo', payload } });
     add(job, { top: true });
+    follow(job.id);
     return `Job ${shortId(job.id)} queued.`;
   });
 
@@ -129,6 +146,7 @@ export async function render(ctx) {
       const up = await api('POST', '/uploads', { raw: file });
       const job = await api('POST', '/jobs', { body: { kind: 'analyze', payload: { upload_id: up.id } } });
       add(job, { top: true });
+      follow(job.id);
       fileInput.value = '';
       return `Uploaded ${fmtBytes(up.size)}; job ${shortId(job.id)} queued.`;
     });
