@@ -5,7 +5,7 @@
 //! schemes, and fills every error response with the problem+json body. It also holds the
 //! schemas of responses that handlers build with `json!` (they have no Rust type of their
 //! own), and documented-only stubs for routes that are not merged yet. It must not contain
-//! behaviour: `tests/openapi.rs` checks that every documented route is served and every
+//! behaviour: `tests/it/openapi.rs` checks that every documented route is served and every
 //! served API route is documented.
 
 use serde::Serialize;
@@ -349,7 +349,7 @@ pub struct UploadForm {
 
 /// The OAuth routes (handlers `oauth_*` in src/auth/routes.rs, logic in
 /// src/auth/oauth_flow.rs), documented here because their 302 answers and query
-/// parameters are easier to describe apart from the thin handlers. tests/openapi.rs checks
+/// parameters are easier to describe apart from the thin handlers. tests/it/openapi.rs checks
 /// that these paths are served and that their security matches.
 pub mod oauth_routes {
     #![allow(dead_code)]

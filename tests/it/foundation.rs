@@ -1,13 +1,11 @@
 //! The foundation, black-box: HTTP error contract, health, storage writer guarantees,
 //! config, secrets, migrations, graceful shutdown.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{ChildServer, TestApp, expect_problem};
 use axum::routing::{get, post};
-use common::{ChildServer, TestApp, expect_problem};
 use serde_json::{Value, json};
 use warpbase::AppOptions;
 use warpbase::storage::{StorageError, migrate};
@@ -429,7 +427,7 @@ fn unknown_config_key_stops_the_start_with_the_key_named() {
         "listen = \"127.0.0.1:0\"\n[jobs]\nbackof_base = \"1s\"\n",
     )
     .expect("write");
-    let out = std::process::Command::new(common::binary())
+    let out = std::process::Command::new(crate::common::binary())
         .args(["--config", cfg.to_str().expect("utf8"), "config", "check"])
         .output()
         .expect("run");
@@ -437,7 +435,7 @@ fn unknown_config_key_stops_the_start_with_the_key_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("backof_base"), "stderr: {err}");
 
-    let out = std::process::Command::new(common::binary())
+    let out = std::process::Command::new(crate::common::binary())
         .args(["serve", "--config", cfg.to_str().expect("utf8")])
         .arg("--data-dir")
         .arg(dir.path())
@@ -450,7 +448,7 @@ fn unknown_config_key_stops_the_start_with_the_key_named() {
 #[test]
 fn config_print_redacts_secrets_and_env_overrides() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(common::binary())
+    let out = std::process::Command::new(crate::common::binary())
         .args(["config", "print", "--data-dir"])
         .arg(dir.path())
         .current_dir(dir.path())
@@ -473,7 +471,7 @@ fn config_print_redacts_secrets_and_env_overrides() {
 #[test]
 fn migrate_command_and_newer_schema_refusal() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(common::binary())
+    let out = std::process::Command::new(crate::common::binary())
         .arg("migrate")
         .arg("--data-dir")
         .arg(dir.path())
@@ -492,7 +490,7 @@ fn migrate_command_and_newer_schema_refusal() {
     );
     conn.pragma_update(None, "user_version", 999).expect("bump");
     drop(conn);
-    let out = std::process::Command::new(common::binary())
+    let out = std::process::Command::new(crate::common::binary())
         .arg("serve")
         .arg("--data-dir")
         .arg(dir.path())

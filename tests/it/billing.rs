@@ -3,12 +3,10 @@
 //! failed application, the offline checkout and portal flows over HTTP, usage metering,
 //! admin events and reconciliation.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestApp, TestUser, eventually, expect_problem};
+use crate::common::{TestApp, TestUser, eventually, expect_problem};
 use serde_json::{Value, json};
 use warpbase::AppOptions;
 use warpbase::billing::fake_events::{self as fe, FakeInvoice, FakeSubscription};

@@ -2,8 +2,6 @@
 //! backups, metrics, disk trouble (full, read-only), upgrades, and a backup taken while
 //! writes are in flight restored with every acknowledged row.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -12,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{TestApp, TestUser, eventually, expect_problem};
+use crate::common::{TestApp, TestUser, eventually, expect_problem};
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use warpbase::AppOptions;
@@ -30,7 +28,7 @@ where
     S: AsRef<OsStr>,
 {
     let cwd = tempfile::tempdir().expect("tempdir");
-    Command::new(common::binary())
+    Command::new(crate::common::binary())
         .args(args)
         .current_dir(cwd.path())
         .env_remove("RUST_LOG")
@@ -911,7 +909,7 @@ fn serve_without_write_access(base: &Path, data: &Path) -> Output {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let bin = base.join("warpbase-bin");
-    std::fs::copy(common::binary(), &bin).expect("copy binary");
+    std::fs::copy(crate::common::binary(), &bin).expect("copy binary");
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     std::fs::set_permissions(base, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let mut cmd = Command::new(&bin);

@@ -2,12 +2,10 @@
 //! and every served API route is documented, so a route added without its
 //! `#[utoipa::path]` (or an annotation with a wrong path or method) fails here.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::TestApp;
+use crate::common::TestApp;
 use serde_json::Value;
 
 /// Every (method, path) the router serves under `/api` plus the ops endpoints. The fake
@@ -268,7 +266,7 @@ async fn every_served_route_is_documented() {
     let extra: Vec<_> = documented.difference(&served).collect();
     assert!(
         extra.is_empty(),
-        "documented but not in SERVED of tests/openapi.rs: {extra:?}"
+        "documented but not in SERVED of tests/it/openapi.rs: {extra:?}"
     );
     app.shutdown().await;
 }
@@ -298,7 +296,7 @@ fn served_list_matches_the_code() {
     let stale: Vec<_> = listed.difference(&in_code).collect();
     assert!(
         missing.is_empty() && stale.is_empty(),
-        "SERVED in tests/openapi.rs is out of date; routed in src/ but not listed: \
+        "SERVED in tests/it/openapi.rs is out of date; routed in src/ but not listed: \
          {missing:?}; listed but not routed: {stale:?}"
     );
 }

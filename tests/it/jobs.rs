@@ -1,13 +1,11 @@
 //! Jobs, black-box: the queue's lifecycle, retries and the dead-letter queue, timeouts,
 //! cancellation, idempotency, quotas, exactly-once execution, SSE, and crash recovery.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{ChildServer, SseReader, TestApp, TestUser, eventually, expect_problem};
+use crate::common::{ChildServer, SseReader, TestApp, TestUser, eventually, expect_problem};
 use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use warpbase::AppOptions;

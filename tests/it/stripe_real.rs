@@ -2,9 +2,6 @@
 //! answers the five endpoints with Stripe-shaped JSON and records every request (headers
 //! and decoded form/query pairs) so the tests can check what went over the wire.
 
-// The Stripe-shaped objects below are deeper than the default budget of `json!`.
-#![recursion_limit = "256"]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -2,14 +2,12 @@
 //! revocation on security events, expiry and forged tokens, rate limits, reset and
 //! verification mails, sessions, and durability of acknowledged sign-ups across kill -9.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{ChildServer, TestApp, expect_problem};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{ChildServer, TestApp, expect_problem};
 use serde_json::{Value, json};
 use warpbase::AppOptions;
 use warpbase::clock::ManualClock;
@@ -444,7 +442,7 @@ async fn login_is_rate_limited_per_email_and_per_ip() {
 /// The newest mail job's body for `to` (offline mode logs mails; the job row has them).
 async fn last_mail_to(app: &TestApp, to: &str) -> String {
     let to = to.to_string();
-    common::eventually(Duration::from_secs(10), "a mail job", || {
+    crate::common::eventually(Duration::from_secs(10), "a mail job", || {
         let to = to.clone();
         async move {
             let rows = app
@@ -504,7 +502,7 @@ async fn password_reset_by_mail_revokes_every_session() {
         )
         .await;
     assert_eq!(r.status(), 202);
-    let body = common::eventually(Duration::from_secs(10), "the reset mail", || async {
+    let body = crate::common::eventually(Duration::from_secs(10), "the reset mail", || async {
         let b = last_mail_to(&app, "ada@example.com").await;
         b.contains("/#/reset?token=").then_some(b)
     })
@@ -540,7 +538,7 @@ async fn password_reset_by_mail_revokes_every_session() {
         200
     );
     // The mail job was delivered (to the log, offline).
-    let delivered = common::eventually(Duration::from_secs(10), "mail delivery", || async {
+    let delivered = crate::common::eventually(Duration::from_secs(10), "mail delivery", || async {
         let n: i64 = app
             .state()
             .storage

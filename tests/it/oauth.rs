@@ -5,12 +5,11 @@
 //! credentials, the redirect URI and single use of codes, so a client that skips PKCE or
 //! mixes up verifiers fails here. Redirects are never followed; each hop is read.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{TestApp, expect_problem};
 use axum::extract::{Form, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -18,7 +17,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use common::{TestApp, expect_problem};
 use reqwest::Url;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};

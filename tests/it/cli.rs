@@ -1,19 +1,17 @@
 //! The operational CLI against a running server's data dir: the dead-letter queue, the
 //! fake Stripe's event triggers, and reconciliation.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{TestApp, TestUser, eventually};
+use crate::common::{TestApp, TestUser, eventually};
 use serde_json::{Value, json};
 use warpbase::AppOptions;
 
 const T: Duration = Duration::from_secs(15);
 
 fn cli(app: &TestApp, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(common::binary())
+    let out = Command::new(crate::common::binary())
         .args(args)
         .arg("--data-dir")
         .arg(app.dir.path())
