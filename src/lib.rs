@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod billing;
+pub mod cache;
 pub mod cli;
 mod cli_admin;
 pub mod clock;

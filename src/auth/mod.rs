@@ -20,9 +20,9 @@ pub mod tokens;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moka::future::Cache;
 use serde::Serialize;
 
+use crate::cache::Loaded;
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::error::ApiError;
@@ -141,9 +141,48 @@ struct Inner {
     oauth: oauth::OAuthProviders,
     limiter: ratelimit::RateLimiter,
     /// user id → what every request checks. Invalidated after commits that change it.
-    user_states: Cache<String, UserAuthState>,
+    user_states: Loaded<String, UserAuthState>,
     /// session id → (user id, live). Invalidated after revocations.
-    sessions: Cache<String, (String, bool)>,
+    sessions: Loaded<String, (String, bool)>,
+    /// user id → the public part of `/me` (fields and identities). Invalidated with
+    /// `user_states` and after identity changes.
+    profiles: Loaded<String, Arc<Profile>>,
+}
+
+/// What `/me` shows of a user apart from plan and usage: the row's public fields (never
+/// the password hash) and the linked identities.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub id: String,
+    pub email: String,
+    pub email_verified: bool,
+    pub name: Option<String>,
+    pub role: String,
+    pub disabled: bool,
+    pub created_at: i64,
+    /// (provider, email at the provider)
+    pub identities: Vec<(String, Option<String>)>,
+}
+
+impl Profile {
+    pub fn new(
+        row: &users::UserRow,
+        identities: Vec<crate::storage::auth::IdentityRow>,
+    ) -> Profile {
+        Profile {
+            id: row.id.clone(),
+            email: row.email.clone(),
+            email_verified: row.email_verified,
+            name: row.name.clone(),
+            role: row.role.clone(),
+            disabled: row.disabled,
+            created_at: row.created_at,
+            identities: identities
+                .into_iter()
+                .map(|i| (i.provider, i.email))
+                .collect(),
+        }
+    }
 }
 
 impl Auth {
@@ -171,14 +210,9 @@ impl Auth {
                     ratelimit::RatePolicy::new(config.auth.rate_limit, config.auth.rate_window),
                     100_000,
                 ),
-                user_states: Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(cache_ttl)
-                    .build(),
-                sessions: Cache::builder()
-                    .max_capacity(200_000)
-                    .time_to_live(cache_ttl)
-                    .build(),
+                user_states: Loaded::new(100_000, cache_ttl),
+                sessions: Loaded::new(200_000, cache_ttl),
+                profiles: Loaded::new(100_000, cache_ttl),
             }),
         }
     }
@@ -218,9 +252,10 @@ impl Auth {
     }
 
     async fn user_state(&self, user_id: &str) -> Result<Option<UserAuthState>, AuthError> {
-        if let Some(s) = self.inner.user_states.get(user_id).await {
+        if let Some(s) = self.inner.user_states.get(user_id) {
             return Ok(Some(s));
         }
+        let ticket = self.inner.user_states.ticket(user_id);
         let id = user_id.to_string();
         let state = self
             .inner
@@ -228,15 +263,18 @@ impl Auth {
             .read(move |c| users::user_auth_state(c, &id))
             .await?;
         if let Some(s) = state {
-            self.inner.user_states.insert(user_id.to_string(), s).await;
+            self.inner
+                .user_states
+                .insert(user_id.to_string(), s, ticket);
         }
         Ok(state)
     }
 
     async fn session_state(&self, sid: &str) -> Result<Option<(String, bool)>, AuthError> {
-        if let Some(s) = self.inner.sessions.get(sid).await {
+        if let Some(s) = self.inner.sessions.get(sid) {
             return Ok(Some(s));
         }
+        let ticket = self.inner.sessions.ticket(sid);
         let id = sid.to_string();
         let state = self
             .inner
@@ -244,21 +282,41 @@ impl Auth {
             .read(move |c| users::session_live(c, &id))
             .await?;
         if let Some(s) = &state {
-            self.inner.sessions.insert(sid.to_string(), s.clone()).await;
+            self.inner
+                .sessions
+                .insert(sid.to_string(), s.clone(), ticket);
         }
         Ok(state)
     }
 
-    /// Forget cached auth state after a commit changed the user (version, role, disabled).
+    /// Forget cached state after a commit changed the user (version, role, disabled,
+    /// email verification, identities).
     pub async fn invalidate_user(&self, user_id: &str) {
-        self.inner.user_states.invalidate(user_id).await;
+        self.inner.user_states.invalidate(user_id);
+        self.inner.profiles.invalidate(user_id);
     }
 
     /// Forget cached liveness after a commit revoked these sessions.
     pub async fn invalidate_sessions(&self, ids: &[String]) {
         for id in ids {
-            self.inner.sessions.invalidate(id).await;
+            self.inner.sessions.invalidate(id);
         }
+    }
+
+    /// The cached profile of `user_id`, if any; on a miss take [`Auth::profile_ticket`]
+    /// before the read and hand the result to [`Auth::cache_profile`].
+    pub fn cached_profile(&self, user_id: &str) -> Option<Arc<Profile>> {
+        self.inner.profiles.get(user_id)
+    }
+
+    pub fn profile_ticket(&self, user_id: &str) -> crate::cache::Ticket {
+        self.inner.profiles.ticket(user_id)
+    }
+
+    pub fn cache_profile(&self, profile: Arc<Profile>, ticket: crate::cache::Ticket) {
+        self.inner
+            .profiles
+            .insert(profile.id.clone(), profile, ticket);
     }
 
     /// Mints an access token for an existing session.

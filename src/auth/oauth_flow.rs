@@ -242,11 +242,14 @@ pub async fn callback(
                 &identity.provider,
                 now,
             )?;
-            Ok::<_, AuthError>(Ok(()))
+            Ok::<_, AuthError>(Ok(user.id))
         })
         .await
         .map_err(internal)?;
-    outcome.map(|()| exchange)
+    // A sign-in may have linked or refreshed an identity (or verified the email).
+    let user_id = outcome?;
+    state.auth.invalidate_user(&user_id).await;
+    Ok(exchange)
 }
 
 /// The sign-in rule (docs/API.md "Linking rule"), inside the callback's write.
@@ -494,6 +497,7 @@ pub async fn unlink(
         })
         .await?;
     state.auth.invalidate_sessions(&revoked).await;
+    state.auth.invalidate_user(&who.user_id).await;
     Ok(())
 }
 

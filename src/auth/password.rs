@@ -78,10 +78,12 @@ impl Default for PasswordHasher {
 }
 
 impl PasswordHasher {
-    /// One permit per CPU: more concurrent hashes than cores only adds contention.
+    /// One permit per CPU but one (at least 1): more concurrent hashes than cores only
+    /// adds contention, and leaving a core to everything else is what keeps a login flood
+    /// from stretching every other request's latency (bench scenario 2, BENCHMARKS.md).
     pub fn new() -> PasswordHasher {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        PasswordHasher::with_permits(cpus)
+        PasswordHasher::with_permits(cpus.saturating_sub(1))
     }
 
     /// `permits` concurrent hashes at most (at least 1); mostly for tests and tuning.

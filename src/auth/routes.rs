@@ -11,11 +11,14 @@ use serde_json::{Value, json};
 use super::extract::ClientInfo;
 use super::oauth_flow::{self, CallbackParams};
 use super::service;
-use crate::auth::{AdminUser, AuthUser, TokenPair};
+use std::sync::Arc;
+
+use crate::auth::{AdminUser, AuthUser, Profile, TokenPair};
 use crate::billing::Entitlement;
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Json, Query, page_limit, time_cursor};
 use crate::state::AppState;
+use crate::storage::StorageError;
 use crate::storage::auth as sa;
 use crate::storage::users::{self, UserRow};
 
@@ -77,27 +80,29 @@ pub struct UserView {
 }
 
 impl UserView {
-    fn from_parts(row: UserRow, plan: Entitlement, identities: Vec<sa::IdentityRow>) -> UserView {
+    fn from_parts(p: &Profile, plan: Entitlement) -> UserView {
         UserView {
-            id: row.id,
-            email: row.email,
-            email_verified: row.email_verified,
-            name: row.name,
-            role: row.role,
-            disabled: row.disabled,
-            created_at: row.created_at,
-            identities: identities
-                .into_iter()
-                .map(|i| Identity {
-                    provider: i.provider,
-                    email: i.email,
+            id: p.id.clone(),
+            email: p.email.clone(),
+            email_verified: p.email_verified,
+            name: p.name.clone(),
+            role: p.role.clone(),
+            disabled: p.disabled,
+            created_at: p.created_at,
+            identities: p
+                .identities
+                .iter()
+                .map(|(provider, email)| Identity {
+                    provider: provider.clone(),
+                    email: email.clone(),
                 })
                 .collect(),
             plan,
         }
     }
 
-    /// The view of a user row: this period's usage and the identities in one read.
+    /// The view of a user row just read by a sign-in: its identities and usage in one
+    /// read (the row may be newer than the cached profile, so it is not taken from it).
     pub async fn build(state: &AppState, row: UserRow) -> ApiResult<UserView> {
         let id = row.id.clone();
         Self::load(state, &id, Some(row))
@@ -105,41 +110,83 @@ impl UserView {
             .ok_or_else(|| ApiError::unauthorized("the account no longer exists"))
     }
 
-    /// The view of `user_id` with one blocking read (one pool checkout, one read
-    /// transaction) for the row (unless given), the usage and the identities; the
-    /// entitlement comes from the billing cache. `None` if the user does not exist.
+    /// The view of `user_id`. Entitlement, profile and usage come from caches that the
+    /// commits changing them invalidate, so a warm `/me` reads no SQLite at all; what is
+    /// missing is read in one blocking read (one pool checkout, one read transaction).
+    /// `None` if the user does not exist.
     async fn load(
         state: &AppState,
         user_id: &str,
         row: Option<UserRow>,
     ) -> ApiResult<Option<UserView>> {
         let mut plan = state.billing.entitlement(user_id).await;
-        let id = user_id.to_string();
         let since = plan.period_start;
-        let (row, used, identities) = state
-            .storage
-            .read(move |c| {
-                let row = match row {
-                    Some(r) => r,
-                    None => match users::get_user(c, &id)? {
-                        Some(r) => r,
-                        None => {
-                            return Ok::<_, crate::storage::StorageError>((None, 0, Vec::new()));
+        let cached_profile = match row {
+            Some(_) => None,
+            None => state.auth.cached_profile(user_id),
+        };
+        let cached_usage = state.jobs.cached_usage(user_id, since);
+        let (profile, used) = match (cached_profile, cached_usage) {
+            (Some(p), Some(used)) => (p, used),
+            (cached_profile, cached_usage) => {
+                let profile_ticket = state.auth.profile_ticket(user_id);
+                let usage_ticket = state.jobs.usage_ticket(user_id);
+                let id = user_id.to_string();
+                let need_profile = cached_profile.is_none();
+                // A given row was read before the ticket was taken, so it must not be
+                // cached: an invalidation in between would go unnoticed.
+                let cacheable = row.is_none();
+                let need_usage = cached_usage.is_none();
+                let (loaded, used) = state
+                    .storage
+                    .read(move |c| {
+                        let loaded = if need_profile {
+                            let row = match row {
+                                Some(r) => Some(r),
+                                None => users::get_user(c, &id)?,
+                            };
+                            match row {
+                                Some(r) => Some(Profile::new(&r, sa::identities_of(c, &id)?)),
+                                None => return Ok::<_, StorageError>((None, None)),
+                            }
+                        } else {
+                            None
+                        };
+                        let used = if need_usage {
+                            Some(crate::storage::jobs::count_created_since(c, &id, since)?)
+                        } else {
+                            None
+                        };
+                        Ok((loaded, used))
+                    })
+                    .await?;
+                let profile = match (cached_profile, loaded) {
+                    (Some(p), _) => p,
+                    (None, Some(p)) => {
+                        let p = Arc::new(p);
+                        if cacheable {
+                            state.auth.cache_profile(p.clone(), profile_ticket);
                         }
-                    },
+                        p
+                    }
+                    (None, None) => return Ok(None),
                 };
-                let used = crate::storage::jobs::count_created_since(c, &id, since)?;
-                Ok((Some(row), used, sa::identities_of(c, &id)?))
-            })
-            .await?;
-        let Some(row) = row else {
-            return Ok(None);
+                let used = match (cached_usage, used) {
+                    (Some(n), _) => n,
+                    (None, n) => {
+                        let n = n.unwrap_or(0);
+                        state.jobs.cache_usage(user_id, since, n, usage_ticket);
+                        n
+                    }
+                };
+                (profile, used)
+            }
         };
         plan.usage = Some(crate::billing::Usage {
             jobs_this_period: used,
             period_start: since,
         });
-        Ok(Some(UserView::from_parts(row, plan, identities)))
+        Ok(Some(UserView::from_parts(&profile, plan)))
     }
 }
 

@@ -517,7 +517,7 @@ pub async fn request_verification(state: &AppState, who: &Principal) -> Result<(
 pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError> {
     let hash = hash_token(token);
     let now = state.now_millis();
-    state
+    let uid = state
         .storage
         .write(move |c| {
             let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
@@ -531,9 +531,11 @@ pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError
                 None,
                 now,
             )?;
-            Ok::<_, AuthError>(())
+            Ok::<_, AuthError>(uid)
         })
-        .await
+        .await?;
+    state.auth.invalidate_user(&uid).await;
+    Ok(())
 }
 
 pub async fn revoke_session(

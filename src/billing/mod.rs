@@ -22,7 +22,6 @@ pub mod webhook;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use moka::future::Cache;
 use serde::Serialize;
 
 use crate::clock::SharedClock;
@@ -128,7 +127,7 @@ struct Inner {
     public_base: String,
     mail_from: String,
     /// user id → engine state; invalidated after every commit that changes it.
-    states: Cache<String, Arc<BillingState>>,
+    states: crate::cache::Loaded<String, Arc<BillingState>>,
     /// Where this process serves HTTP, for the fake Stripe's webhook deliveries.
     self_url: OnceLock<String>,
     http: reqwest::Client,
@@ -188,10 +187,7 @@ impl Billing {
                 webhook_secrets,
                 public_base,
                 mail_from: config.mail.from.clone(),
-                states: Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(Duration::from_secs(60))
-                    .build(),
+                states: crate::cache::Loaded::new(100_000, Duration::from_secs(60)),
                 self_url: OnceLock::new(),
                 http: reqwest::Client::builder()
                     .timeout(Duration::from_secs(10))
@@ -286,9 +282,10 @@ impl Billing {
 
     /// The stored engine state of a user (cached).
     pub async fn state(&self, user_id: &str) -> Result<Arc<BillingState>, StorageError> {
-        if let Some(s) = self.inner.states.get(user_id).await {
+        if let Some(s) = self.inner.states.get(user_id) {
             return Ok(s);
         }
+        let ticket = self.inner.states.ticket(user_id);
         let uid = user_id.to_string();
         let json = self
             .inner
@@ -298,13 +295,12 @@ impl Billing {
         let state = Arc::new(parse_state(json.as_deref()));
         self.inner
             .states
-            .insert(user_id.to_string(), state.clone())
-            .await;
+            .insert(user_id.to_string(), state.clone(), ticket);
         Ok(state)
     }
 
     pub async fn invalidate(&self, user_id: &str) {
-        self.inner.states.invalidate(user_id).await;
+        self.inner.states.invalidate(user_id);
     }
 
     /// The user's entitlement at this moment. On a storage error it answers with the

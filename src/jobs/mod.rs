@@ -149,6 +149,9 @@ struct Inner {
     kinds: HashMap<String, KindSpec>,
     running: Mutex<HashMap<String, Running>>,
     tickets: moka::sync::Cache<String, Principal>,
+    /// user id → (period start, jobs created since): `/me`'s usage line without a
+    /// count over the user's jobs per request. Invalidated after each submission.
+    usage: crate::cache::Loaded<String, (i64, u64)>,
     worker_id: String,
 }
 
@@ -186,6 +189,7 @@ impl Jobs {
                     .max_capacity(100_000)
                     .time_to_live(Duration::from_secs(60))
                     .build(),
+                usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
                 worker_id: crate::ids::new_id(),
             }),
         }
@@ -243,6 +247,36 @@ impl Jobs {
             .lock()
             .map(|r| r.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The cached number of jobs `user_id` created since `period_start`, if known.
+    pub fn cached_usage(&self, user_id: &str, period_start: i64) -> Option<u64> {
+        self.inner
+            .usage
+            .get(user_id)
+            .and_then(|(since, n)| (since == period_start).then_some(n))
+    }
+
+    /// Take before reading a usage count that will go to [`Jobs::cache_usage`].
+    pub fn usage_ticket(&self, user_id: &str) -> crate::cache::Ticket {
+        self.inner.usage.ticket(user_id)
+    }
+
+    pub fn cache_usage(
+        &self,
+        user_id: &str,
+        period_start: i64,
+        count: u64,
+        ticket: crate::cache::Ticket,
+    ) {
+        self.inner
+            .usage
+            .insert(user_id.to_string(), (period_start, count), ticket);
+    }
+
+    /// After a commit that created a job of `user_id`.
+    pub fn invalidate_usage(&self, user_id: &str) {
+        self.inner.usage.invalidate(user_id);
     }
 
     /// A single-use, 60-second ticket that authenticates one `EventSource` connection.

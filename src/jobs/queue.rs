@@ -201,6 +201,7 @@ pub async fn submit(
         })
         .await?;
     if let Submitted::Created(row) = &outcome {
+        state.jobs.invalidate_usage(&who.user_id);
         publish_outcome(state, row);
         state.jobs.notify(&queue);
     }

@@ -562,6 +562,14 @@ async fn password_reset_by_mail_revokes_every_session() {
 async fn email_verification_by_mail() {
     let app = start().await;
     let reg = register(&app, "ada@example.com").await;
+    // Read first, so the view is cached: the verification must show at once anyway.
+    let me: Value = app
+        .get("/api/v1/me", Some(token(&reg)))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["email_verified"], false);
     let body = last_mail_to(&app, "ada@example.com").await;
     assert!(body.contains("/#/verify?token="), "{body}");
     let r = app

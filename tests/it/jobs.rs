@@ -438,9 +438,22 @@ async fn plan_quotas_answer_402() {
     )
     .await;
     let user = app.create_user("quota@example.com").await;
+    async fn used(app: &TestApp, user: &TestUser) -> Value {
+        let me: Value = app
+            .get("/api/v1/me", Some(&user.access_token))
+            .await
+            .json()
+            .await
+            .expect("json");
+        me["plan"]["usage"]["jobs_this_period"].clone()
+    }
+    // `/me` is cached between requests; every submission must still show at once.
+    assert_eq!(used(&app, &user).await, 0);
     let long = json!({"kind": "demo", "payload": {"steps": 1000, "step_ms": 50}});
     let a = submit(&app, &user, long.clone()).await;
+    assert_eq!(used(&app, &user).await, 1);
     submit(&app, &user, long.clone()).await;
+    assert_eq!(used(&app, &user).await, 2);
     let r = app
         .post_json("/api/v1/jobs", Some(&user.access_token), &long)
         .await;
@@ -461,6 +474,8 @@ async fn plan_quotas_answer_402() {
         .await;
     let body = expect_problem(b, 402, "plan_limit").await;
     assert_eq!(body["limit"], "concurrent jobs");
+    // Refused submissions are not usage.
+    assert_eq!(used(&app, &user).await, 3);
     app.shutdown().await;
 }
 

@@ -881,6 +881,8 @@ async fn linking_from_an_account_and_identities_in_use() {
     let env = env().await;
     let a = env.register("a@example.com").await;
     let b = env.register("b@example.com").await;
+    // Read first, so the view is cached: the link must show at once anyway.
+    assert_eq!(env.me(token(&a)).await["identities"], json!([]));
 
     // A links a GitHub account whose email differs from A's.
     let url = env.link_url("github", token(&a)).await;
