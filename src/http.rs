@@ -1,9 +1,10 @@
 //! The HTTP stack: router assembly and the middleware every response passes through.
 //!
-//! Order (outermost first): request id → problem rendering → metrics → tracing →
-//! panic catching → timeout → compression → security headers → routes. The problem layer
-//! sits outside the panic and timeout layers so their bare responses become problem+json
-//! with the request id, like every other error.
+//! Order (outermost first): the edge (request id, problem rendering, security headers,
+//! metrics: one middleware, see [`edge`]) → tracing → panic catching → timeout →
+//! compression → routes. The edge sits outside the panic and timeout layers so their bare
+//! responses become problem+json with the request id and the security headers, like
+//! every other response.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -17,7 +18,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -31,7 +31,7 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
     let timeout = state.config.request_timeout;
     let json_limit = state.config.max_json_bytes;
     let metrics_inline = state.config.metrics_listen.is_none();
-    let mut app = Router::new()
+    let app = Router::new()
         .merge(crate::ops::router(metrics_inline))
         .merge(crate::auth::routes::router())
         .merge(crate::billing::routes::router())
@@ -40,7 +40,6 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
         .merge(extra.unwrap_or_default())
         .fallback(crate::web::fallback)
         .layer(axum::extract::DefaultBodyLimit::max(json_limit));
-    app = crate::web::security_headers(app);
     app.layer(CompressionLayer::new())
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -57,10 +56,7 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
                 tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
             }),
         )
-        .layer(middleware::from_fn(record_metrics))
-        .layer(middleware::from_fn(render_problems))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::from_fn(edge))
         .with_state(state)
 }
 
@@ -69,15 +65,45 @@ fn panic_response(_err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("handler panicked").into_response()
 }
 
-/// Renders every error response as problem+json carrying the request id.
-async fn render_problems(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(&REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let mut resp = next.run(req).await;
+/// What every response passes through, in one middleware rather than five stacked
+/// layers (each `Router::layer` wraps every route, and each layer's future and clones
+/// showed in the `/me` profile):
+/// - the request id: the client's `x-request-id`, or a new UUID; set on the request (for
+///   tracing and handlers) and echoed on the response;
+/// - errors rendered as problem+json carrying that id;
+/// - the security headers, unless the response set its own;
+/// - `http_requests_total{route,status}` and `http_request_duration_seconds{route}`.
+async fn edge(mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let request_id = match req.headers().get(&REQUEST_ID) {
+        Some(v) if !v.is_empty() => v.clone(),
+        _ => {
+            let id = HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("-"));
+            req.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    let mut resp = render_problem(resp, request_id.to_str().unwrap_or(""));
+    let headers = resp.headers_mut();
+    headers.insert(REQUEST_ID, request_id);
+    crate::web::add_security_headers(headers);
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// An error response as problem+json carrying the request id; others unchanged.
+fn render_problem(mut resp: Response, request_id: &str) -> Response {
     let status = resp.status();
     let error = match resp.extensions_mut().remove::<ApiError>() {
         Some(e) => e,
@@ -92,7 +118,7 @@ async fn render_problems(req: Request, next: Next) -> Response {
     if error.status.is_server_error() {
         tracing::error!(request_id = %request_id, code = error.code, status = error.status.as_u16(), "request failed");
     }
-    let body = serde_json::to_vec(&error.problem(&request_id)).unwrap_or_default();
+    let body = serde_json::to_vec(&error.problem(request_id)).unwrap_or_default();
     let (mut parts, _) = resp.into_parts();
     parts.headers.insert(
         header::CONTENT_TYPE,
@@ -108,22 +134,6 @@ fn is_problem(resp: &Response) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("application/problem+json"))
-}
-
-async fn record_metrics(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    resp
 }
 
 /// `axum::Json` with rejections reported as problems: 415 without a JSON content type,

@@ -1,5 +1,7 @@
 //! `AppState`: everything a handler or background task needs, passed explicitly.
-//! Cheap to clone (handles and `Arc`s inside); no globals.
+//! One `Arc`, so a clone is one atomic increment: axum clones the state for every
+//! request and extractor, and cloning ten handles each time showed in the `/me` profile
+//! (~3% of server CPU). No globals.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +17,10 @@ use crate::jobs::Jobs;
 use crate::storage::Storage;
 
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+/// The fields of [`AppState`], reached through `Deref` (`state.auth`, `state.config`).
+pub struct Shared {
     pub config: Arc<Config>,
     pub storage: Storage,
     pub clock: SharedClock,
@@ -27,7 +32,15 @@ pub struct AppState {
     /// Every background task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     pub metrics: crate::ops::Metrics,
-    ready: Arc<AtomicBool>,
+    ready: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
@@ -41,7 +54,7 @@ impl AppState {
         jobs: Jobs,
         metrics: crate::ops::Metrics,
     ) -> AppState {
-        AppState {
+        AppState(Arc::new(Shared {
             config,
             storage,
             clock,
@@ -51,8 +64,8 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             metrics,
-            ready: Arc::new(AtomicBool::new(false)),
-        }
+            ready: AtomicBool::new(false),
+        }))
     }
 
     pub fn now_millis(&self) -> i64 {

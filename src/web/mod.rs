@@ -8,7 +8,6 @@ use axum::http::header::{self, HeaderValue};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use rust_embed::RustEmbed;
-use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -21,28 +20,31 @@ pub fn router() -> Router<AppState> {
     Router::new()
 }
 
-/// Adds the security headers to every response that does not set its own.
-pub fn security_headers(router: Router<AppState>) -> Router<AppState> {
-    let csp = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
-               connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'self'; \
-               form-action 'self'; frame-ancestors 'none'";
-    router
-        .layer(SetResponseHeaderLayer::if_not_present(
+const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; \
+     connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'self'; \
+     form-action 'self'; frame-ancestors 'none'";
+
+/// Adds the security headers a response did not set itself (every response passes here:
+/// `http::edge` calls it).
+pub fn add_security_headers(headers: &mut HeaderMap) {
+    let defaults = [
+        (
             header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(csp),
-        ))
-        .layer(SetResponseHeaderLayer::if_not_present(
+            HeaderValue::from_static(CSP),
+        ),
+        (
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
-        ))
-        .layer(SetResponseHeaderLayer::if_not_present(
-            header::X_FRAME_OPTIONS,
-            HeaderValue::from_static("DENY"),
-        ))
-        .layer(SetResponseHeaderLayer::if_not_present(
+        ),
+        (header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")),
+        (
             header::REFERRER_POLICY,
             HeaderValue::from_static("strict-origin-when-cross-origin"),
-        ))
+        ),
+    ];
+    for (name, value) in defaults {
+        headers.entry(name).or_insert(value);
+    }
 }
 
 /// Anything no route matched: an embedded file, the SPA shell for client routes, or a 404
