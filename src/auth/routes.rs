@@ -153,7 +153,7 @@ impl UserView {
                             None
                         };
                         let used = if need_usage {
-                            Some(crate::storage::jobs::count_created_since(c, &id, since)?)
+                            Some(crate::storage::jobs::period_usage(c, &id, since)?)
                         } else {
                             None
                         };

@@ -54,7 +54,7 @@ async fn entitlement_with_usage(state: &AppState, user_id: &str) -> ApiResult<su
     let since = ent.period_start;
     let used = state
         .storage
-        .read(move |c| q::count_created_since(c, &uid, since))
+        .read(move |c| q::period_usage(c, &uid, since))
         .await?;
     ent.usage = Some(Usage {
         jobs_this_period: used,

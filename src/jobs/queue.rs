@@ -154,8 +154,9 @@ pub async fn submit(
                     Err(JobError::IdempotencyConflict)
                 };
             }
+            // Read inside the writer, so concurrent submissions cannot overshoot.
+            let used = q::period_usage(c, &user_id, entitlement.period_start)?;
             if billable {
-                // Counted inside the writer, so concurrent submissions cannot overshoot.
                 let limits = entitlement.limits;
                 let active = q::count_active_up_to(c, &user_id, u64::from(limits.concurrent_jobs))?;
                 if active >= u64::from(limits.concurrent_jobs) {
@@ -165,12 +166,6 @@ pub async fn submit(
                         used: active,
                     });
                 }
-                let used = q::count_created_since_up_to(
-                    c,
-                    &user_id,
-                    entitlement.period_start,
-                    limits.jobs_per_period,
-                )?;
                 if used >= limits.jobs_per_period {
                     return Err(JobError::PlanLimit {
                         what: "jobs this period",
@@ -195,6 +190,7 @@ pub async fn submit(
                     now,
                 },
             )?;
+            q::set_period_usage(c, &user_id, entitlement.period_start, used + 1)?;
             let row = q::get_job(c, &id)?
                 .ok_or_else(|| StorageError::Corrupt("inserted job vanished".into()))?;
             Ok(Submitted::Created(row))

@@ -137,24 +137,6 @@ pub fn count_active_up_to(
         })?)
 }
 
-/// Jobs submitted since `since`, counting at most `limit` (see [`count_active_up_to`]).
-pub fn count_created_since_up_to(
-    conn: &Connection,
-    user_id: &str,
-    since: Millis,
-    limit: u64,
-) -> Result<u64, StorageError> {
-    let lower = crate::ids::id_floor_for_millis(since);
-    Ok(conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE user_id = ?1 AND id >= ?2 LIMIT ?3)",
-        )?
-        .query_row(
-            params![user_id, lower, limit.min(i64::MAX as u64) as i64],
-            |r| r.get(0),
-        )?)
-}
-
 /// Jobs a user submitted since `since` (the plan's period quota).
 pub fn count_created_since(
     conn: &Connection,
@@ -166,6 +148,45 @@ pub fn count_created_since(
     Ok(conn
         .prepare_cached("SELECT COUNT(*) FROM jobs WHERE user_id = ?1 AND id >= ?2")?
         .query_row(params![user_id, lower], |r| r.get(0))?)
+}
+
+/// Jobs `user_id` created since `period_start`: the `job_usage` row when it is for this
+/// period, else an exact count of the user's jobs (once per period: the caller stores
+/// it back with [`set_period_usage`]).
+pub fn period_usage(
+    conn: &Connection,
+    user_id: &str,
+    period_start: Millis,
+) -> Result<u64, StorageError> {
+    let row: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT period_start, jobs FROM job_usage WHERE user_id = ?1")?
+        .query_row(params![user_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    match row {
+        Some((start, jobs)) if start == period_start => Ok(u64::try_from(jobs).unwrap_or(0)),
+        _ => count_created_since(conn, user_id, period_start),
+    }
+}
+
+/// Records `jobs` as the user's usage in the period starting at `period_start`. Call in
+/// the transaction that inserted the job, with [`period_usage`] + 1.
+pub fn set_period_usage(
+    conn: &Connection,
+    user_id: &str,
+    period_start: Millis,
+    jobs: u64,
+) -> Result<(), StorageError> {
+    conn.prepare_cached(
+        "INSERT INTO job_usage (user_id, period_start, jobs) VALUES (?1, ?2, ?3)
+         ON CONFLICT (user_id) DO UPDATE SET period_start = excluded.period_start,
+                                             jobs = excluded.jobs",
+    )?
+    .execute(params![
+        user_id,
+        period_start,
+        i64::try_from(jobs).unwrap_or(i64::MAX)
+    ])?;
+    Ok(())
 }
 
 /// Claims up to `limit` runnable jobs of `queue` for this worker: one UPDATE … RETURNING
@@ -615,4 +636,71 @@ pub fn meta_set(
         params![key, value, now],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db_with_user() -> Connection {
+        let mut c = Connection::open_in_memory().expect("open");
+        crate::storage::migrate::apply(&mut c).expect("migrate");
+        crate::storage::users::insert_user(
+            &c,
+            &crate::storage::users::NewUser {
+                id: "u1",
+                email: "u1@example.com",
+                email_verified: true,
+                name: None,
+                password_hash: None,
+                role: None,
+                now: 0,
+            },
+        )
+        .expect("user");
+        c
+    }
+
+    fn job_at(c: &Connection, ms: Millis) {
+        let id = crate::ids::new_id_at(ms);
+        insert_job(
+            c,
+            &NewJob {
+                id: &id,
+                user_id: Some("u1"),
+                kind: "demo",
+                queue: "fast",
+                priority: 0,
+                payload: "{}",
+                max_attempts: 1,
+                run_at: ms,
+                idempotency_key: None,
+                request_hash: None,
+                now: ms,
+            },
+        )
+        .expect("job");
+    }
+
+    #[test]
+    fn period_usage_counts_once_then_follows_the_counter_and_recounts_on_a_new_period() {
+        let c = db_with_user();
+        let (t1, t2, t3) = (1_700_000_000_000, 1_700_000_100_000, 1_700_000_200_000);
+        job_at(&c, t1);
+        job_at(&c, t2);
+        job_at(&c, t3);
+        // No row yet: an exact count of the jobs since the period start.
+        assert_eq!(period_usage(&c, "u1", t2).expect("usage"), 2);
+        // The counter is the truth for its period (purged jobs stay counted).
+        set_period_usage(&c, "u1", t2, 5).expect("set");
+        assert_eq!(period_usage(&c, "u1", t2).expect("usage"), 5);
+        // Another period start: counted again from the jobs, and the row is replaced.
+        assert_eq!(period_usage(&c, "u1", t3).expect("usage"), 1);
+        set_period_usage(&c, "u1", t3, 2).expect("set");
+        assert_eq!(period_usage(&c, "u1", t3).expect("usage"), 2);
+        let rows: i64 = c
+            .query_row("SELECT COUNT(*) FROM job_usage", [], |r| r.get(0))
+            .expect("rows");
+        assert_eq!(rows, 1);
+    }
 }

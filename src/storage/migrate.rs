@@ -19,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_billing",
         include_str!("../../migrations/0003_billing.sql"),
     ),
+    (
+        "0005_job_usage",
+        include_str!("../../migrations/0005_job_usage.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.
