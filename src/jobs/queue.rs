@@ -158,7 +158,7 @@ pub async fn submit(
             let used = q::period_usage(c, &user_id, entitlement.period_start)?;
             if billable {
                 let limits = entitlement.limits;
-                let active = q::count_active_up_to(c, &user_id, u64::from(limits.concurrent_jobs))?;
+                let active = q::count_active(c, &user_id)?;
                 if active >= u64::from(limits.concurrent_jobs) {
                     return Err(JobError::PlanLimit {
                         what: "concurrent jobs",

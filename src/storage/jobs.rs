@@ -120,21 +120,14 @@ pub fn find_by_idempotency_key(
         .optional()?)
 }
 
-/// Whether the user holds at least `limit` concurrency slots, counting at most `limit`
-/// rows so a quota check costs O(limit), not O(the user's history), inside the writer.
-pub fn count_active_up_to(
-    conn: &Connection,
-    user_id: &str,
-    limit: u64,
-) -> Result<u64, StorageError> {
-    Ok(conn
-        .prepare_cached(
-            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs
-             WHERE user_id = ?1 AND status IN ('queued', 'running', 'retrying') LIMIT ?2)",
-        )?
-        .query_row(params![user_id, limit.min(i64::MAX as u64) as i64], |r| {
-            r.get(0)
-        })?)
+/// The user's active jobs (queued, running, retrying): one row of `job_active`, which
+/// triggers keep exact on every insert, status change and delete (migration 0005).
+pub fn count_active(conn: &Connection, user_id: &str) -> Result<u64, StorageError> {
+    let n: Option<i64> = conn
+        .prepare_cached("SELECT active FROM job_active WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))
+        .optional()?;
+    Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
 /// Jobs a user submitted since `since` (the plan's period quota).
@@ -702,5 +695,100 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM job_usage", [], |r| r.get(0))
             .expect("rows");
         assert_eq!(rows, 1);
+    }
+
+    fn active_by_count(c: &Connection) -> i64 {
+        c.query_row(
+            "SELECT COUNT(*) FROM jobs WHERE user_id = 'u1'
+             AND status IN ('queued', 'running', 'retrying')",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count")
+    }
+
+    #[test]
+    fn the_active_counter_follows_every_insert_status_change_and_delete() {
+        let c = db_with_user();
+        let statuses = [
+            "queued",
+            "running",
+            "retrying",
+            "succeeded",
+            "dead",
+            "canceled",
+        ];
+        // A deterministic walk over many transitions, checked after every step.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..400_i64 {
+            let ids: Vec<String> = c
+                .prepare("SELECT id FROM jobs")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .expect("ids");
+            match next() % 4 {
+                0 | 1 if !ids.is_empty() => {
+                    let id = &ids[(next() % ids.len() as u64) as usize];
+                    let to = statuses[(next() % statuses.len() as u64) as usize];
+                    c.execute("UPDATE jobs SET status = ?2 WHERE id = ?1", params![id, to])
+                        .expect("update");
+                }
+                2 if !ids.is_empty() => {
+                    let id = &ids[(next() % ids.len() as u64) as usize];
+                    c.execute("DELETE FROM jobs WHERE id = ?1", [id])
+                        .expect("delete");
+                }
+                _ => job_at(&c, 1_700_000_000_000 + step),
+            }
+            assert_eq!(
+                count_active(&c, "u1").expect("active") as i64,
+                active_by_count(&c),
+                "after step {step}"
+            );
+        }
+        // Claiming through the real query keeps it too.
+        job_at(&c, 1_800_000_000_000);
+        claim(&c, "fast", 10, 1_900_000_000_000, 1_900_000_060_000, "w").expect("claim");
+        assert_eq!(
+            count_active(&c, "u1").expect("active") as i64,
+            active_by_count(&c)
+        );
+    }
+
+    #[test]
+    fn the_migration_counts_the_active_jobs_already_there() {
+        use crate::storage::migrate;
+        let mut c = Connection::open_in_memory().expect("open");
+        let before: Vec<(&str, &str)> = migrate::MIGRATIONS
+            .iter()
+            .copied()
+            .take_while(|(name, _)| *name != "0005_job_counters")
+            .collect();
+        migrate::apply_list(&mut c, &before).expect("old schema");
+        c.execute(
+            "INSERT INTO users (id, email, email_verified, role, token_version, disabled,
+                                created_at, updated_at)
+             VALUES ('u1', 'u1@example.com', 1, 'user', 0, 0, 0, 0)",
+            [],
+        )
+        .expect("user");
+        for (i, status) in ["queued", "running", "succeeded", "retrying", "dead"]
+            .iter()
+            .enumerate()
+        {
+            job_at(&c, 1_700_000_000_000 + i as i64);
+            c.execute(
+                "UPDATE jobs SET status = ?1 WHERE created_at = ?2",
+                params![status, 1_700_000_000_000 + i as i64],
+            )
+            .expect("status");
+        }
+        migrate::apply(&mut c).expect("upgrade");
+        assert_eq!(count_active(&c, "u1").expect("active"), 3);
     }
 }

@@ -20,8 +20,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0003_billing.sql"),
     ),
     (
-        "0005_job_usage",
-        include_str!("../../migrations/0005_job_usage.sql"),
+        "0005_job_counters",
+        include_str!("../../migrations/0005_job_counters.sql"),
     ),
 ];
 
