@@ -93,7 +93,7 @@ impl Billing {
         if !changes {
             return Ok(false);
         }
-        let p = self.process(event, text).await?;
+        let p = self.process(event, text.into()).await?;
         Ok(p.status == "applied")
     }
 }
