@@ -19,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_billing",
         include_str!("../../migrations/0003_billing.sql"),
     ),
+    (
+        "0004_stripe_events_rowid",
+        include_str!("../../migrations/0004_stripe_events_rowid.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.
