@@ -6,8 +6,17 @@
 //! subscription to `parent.subscription_details` in 2025). Unknown fields are ignored;
 //! an event of an acted-on type with an unexpected shape is an [`EventParseError`], never
 //! a panic. It must not verify signatures (see `signature`) or decide anything.
+//!
+//! The body is read once, without building a JSON tree: each object is scanned for the
+//! few members asked for, which are kept as raw JSON slices of the body
+//! ([`RawValue`]); everything else is skipped without allocating. Only the values the
+//! engine keeps are decoded into `String`s. A member missing, `null`, or inside something
+//! that is not an object reads as absent, exactly as `serde_json::Value::get` would.
 
-use serde_json::Value;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
 /// An event reduced to what the engine reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,33 +95,58 @@ pub const SUBSCRIPTION_DELETED: &str = "customer.subscription.deleted";
 pub const INVOICE_PAID: &str = "invoice.paid";
 pub const INVOICE_PAYMENT_FAILED: &str = "invoice.payment_failed";
 
+/// The longest `id` or `type` a delivery may have to be recorded at all (the columns
+/// are TEXT, but an unbounded key would be a way to bloat the table and the index).
+pub const MAX_ENVELOPE_FIELD: usize = 255;
+
+/// What every recorded delivery has, even one whose object cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub id: String,
+    pub event_type: String,
+    /// Stripe's `created`, or 0 when it is missing or not an integer.
+    pub created: i64,
+}
+
+/// A webhook body read once: either the whole event, or only its envelope when the
+/// rest has an unexpected shape (recorded as `failed`; redelivering cannot fix it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Event(StripeEvent),
+    Unreadable {
+        envelope: Envelope,
+        error: EventParseError,
+    },
+}
+
+/// Why a body is not a Stripe event at all: answered 400 and not recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnEvent {
+    #[error("the body is not JSON: {0}")]
+    NotJson(String),
+    #[error("not a Stripe event: id and type are required")]
+    NoIdOrType,
+}
+
+/// The top-level members read from every event.
+const TOP: [&str; 5] = ["id", "type", "created", "livemode", "data"];
+
 impl StripeEvent {
     /// Reads a raw (already verified) webhook body.
     pub fn parse(body: &[u8]) -> Result<StripeEvent, EventParseError> {
-        let value: Value = serde_json::from_slice(body)
+        let text = std::str::from_utf8(body)
             .map_err(|e| EventParseError::new(format!("not JSON: {e}")))?;
-        StripeEvent::from_value(&value)
+        StripeEvent::parse_str(text)
     }
 
-    /// Reads an event already decoded to JSON.
-    pub fn from_value(value: &Value) -> Result<StripeEvent, EventParseError> {
-        if !value.is_object() {
-            return Err(EventParseError::new("event is not a JSON object"));
-        }
-        let id = req_str(value, "id")?;
-        let event_type = req_str(value, "type")?;
-        let created = req_i64(value, "created")?;
-        let livemode = opt_bool(value, "livemode")?.unwrap_or(false);
-        let object = match event_type.as_str() {
-            CHECKOUT_COMPLETED => checkout(data_object(value)?)?,
-            SUBSCRIPTION_CREATED | SUBSCRIPTION_UPDATED | SUBSCRIPTION_DELETED => {
-                subscription(data_object(value)?)?
-            }
-            INVOICE_PAID | INVOICE_PAYMENT_FAILED => invoice(data_object(value)?)?,
-            // Only the types above are read, so an odd payload of any other type cannot
-            // fail an event the engine would ignore anyway.
-            _ => EventObject::Other,
-        };
+    /// Reads a raw (already verified) webhook body that is known to be UTF-8.
+    pub fn parse_str(body: &str) -> Result<StripeEvent, EventParseError> {
+        let top = read_object(body, &TOP)
+            .map_err(|e| EventParseError::new(format!("not JSON: {e}")))?
+            .ok_or_else(|| EventParseError::new("event is not a JSON object"))?;
+        let id = req_str(top.get("id"), "id")?;
+        let event_type = req_str(top.get("type"), "type")?;
+        let (created, livemode, object) = read_rest(&top, &event_type)?;
         Ok(StripeEvent {
             id,
             event_type,
@@ -121,144 +155,238 @@ impl StripeEvent {
             object,
         })
     }
+
+    /// Reads a webhook delivery in one pass: the envelope the pipeline needs to record
+    /// anything (`id` and `type`: non-empty strings of at most [`MAX_ENVELOPE_FIELD`]
+    /// bytes), and the event if the rest has a readable shape.
+    pub fn read_delivery(body: &str) -> Result<Delivery, NotAnEvent> {
+        let top = read_object(body, &TOP)
+            .map_err(|e| NotAnEvent::NotJson(e.to_string()))?
+            .ok_or(NotAnEvent::NoIdOrType)?;
+        let envelope_str = |key: &str| {
+            opt_str(top.get(key), key)
+                .ok()
+                .flatten()
+                .filter(|s| !s.is_empty() && s.len() <= MAX_ENVELOPE_FIELD)
+        };
+        let (Some(id), Some(event_type)) = (envelope_str("id"), envelope_str("type")) else {
+            return Err(NotAnEvent::NoIdOrType);
+        };
+        Ok(match read_rest(&top, &event_type) {
+            Ok((created, livemode, object)) => Delivery::Event(StripeEvent {
+                id,
+                event_type,
+                created,
+                livemode,
+                object,
+            }),
+            Err(error) => Delivery::Unreadable {
+                envelope: Envelope {
+                    created: opt_i64(top.get("created"), "created")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0),
+                    id,
+                    event_type,
+                },
+                error,
+            },
+        })
+    }
+
+    /// Reads an event already decoded to JSON (tests build events as `Value`s).
+    #[cfg(test)]
+    pub fn from_value(value: &serde_json::Value) -> Result<StripeEvent, EventParseError> {
+        StripeEvent::parse_str(&value.to_string())
+    }
 }
 
-fn data_object(event: &Value) -> Result<&Value, EventParseError> {
-    let object = event
-        .get("data")
-        .and_then(|d| d.get("object"))
+/// Everything but `id` and `type`, which the callers read (and keep) themselves.
+fn read_rest(
+    top: &Obj<'_, 5>,
+    event_type: &str,
+) -> Result<(i64, bool, EventObject), EventParseError> {
+    let created = req_i64(top.get("created"), "created")?;
+    let livemode = opt_bool(top.get("livemode"), "livemode")?.unwrap_or(false);
+    let object = match event_type {
+        CHECKOUT_COMPLETED => checkout(data_object(top)?)?,
+        SUBSCRIPTION_CREATED | SUBSCRIPTION_UPDATED | SUBSCRIPTION_DELETED => {
+            subscription(data_object(top)?)?
+        }
+        INVOICE_PAID | INVOICE_PAYMENT_FAILED => invoice(data_object(top)?)?,
+        // Only the types above are read, so an odd payload of any other type cannot
+        // fail an event the engine would ignore anyway.
+        _ => EventObject::Other,
+    };
+    Ok((created, livemode, object))
+}
+
+fn data_object<'a>(top: &Obj<'a, 5>) -> Result<&'a RawValue, EventParseError> {
+    let object = fields(top.get("data"), &["object"])?
+        .get("object")
         .ok_or_else(|| EventParseError::new("missing data.object"))?;
-    if object.is_object() {
+    if kind(object) == Kind::Object {
         Ok(object)
     } else {
         Err(EventParseError::new("data.object is not an object"))
     }
 }
 
-fn checkout(o: &Value) -> Result<EventObject, EventParseError> {
+const CHECKOUT_KEYS: [&str; 5] = [
+    "id",
+    "customer",
+    "client_reference_id",
+    "subscription",
+    "mode",
+];
+
+fn checkout(raw: &RawValue) -> Result<EventObject, EventParseError> {
+    let o = fields(Some(raw), &CHECKOUT_KEYS)?;
     Ok(EventObject::CheckoutCompleted {
-        session_id: req_str(o, "id")?,
-        customer: opt_id(o, "customer")?,
-        client_reference_id: opt_str(o, "client_reference_id")?,
-        subscription: opt_id(o, "subscription")?,
-        mode: opt_str(o, "mode")?,
+        session_id: req_str(o.get("id"), "id")?,
+        customer: opt_id(o.get("customer"), "customer")?,
+        client_reference_id: opt_str(o.get("client_reference_id"), "client_reference_id")?,
+        subscription: opt_id(o.get("subscription"), "subscription")?,
+        mode: opt_str(o.get("mode"), "mode")?,
     })
 }
 
-fn subscription(o: &Value) -> Result<EventObject, EventParseError> {
-    let first_item = first_of_list(o, "items")?;
-    let item_field = |key: &str| -> Result<Option<i64>, EventParseError> {
-        match first_item {
-            Some(item) => opt_i64(item, key),
-            None => Ok(None),
-        }
-    };
+const SUBSCRIPTION_KEYS: [&str; 12] = [
+    "id",
+    "customer",
+    "status",
+    "items",
+    "plan",
+    "current_period_end",
+    "current_period_start",
+    "cancel_at_period_end",
+    "cancel_at",
+    "trial_end",
+    "canceled_at",
+    "ended_at",
+];
+const ITEM_KEYS: [&str; 3] = ["current_period_end", "current_period_start", "price"];
+
+fn subscription(raw: &RawValue) -> Result<EventObject, EventParseError> {
+    let o = fields(Some(raw), &SUBSCRIPTION_KEYS)?;
+    // Absent when there is no first item: every lookup in it then reads as absent.
+    let item = fields(first_of_list(o.get("items"), "items")?, &ITEM_KEYS)?;
     // Before 2025-03-31 the period lives on the subscription, since then on each item.
-    let current_period_end = match opt_i64(o, "current_period_end")? {
+    let current_period_end = match opt_i64(o.get("current_period_end"), "current_period_end")? {
         Some(v) => Some(v),
-        None => item_field("current_period_end")?,
+        None => opt_i64(item.get("current_period_end"), "current_period_end")?,
     };
-    let current_period_start = match opt_i64(o, "current_period_start")? {
+    let current_period_start = match opt_i64(o.get("current_period_start"), "current_period_start")?
+    {
         Some(v) => Some(v),
-        None => item_field("current_period_start")?,
+        None => opt_i64(item.get("current_period_start"), "current_period_start")?,
     };
-    let price_id = match first_item.map(|item| opt_id(item, "price")).transpose()? {
-        Some(Some(price)) => Some(price),
+    let price_id = match opt_id(item.get("price"), "price")? {
+        Some(price) => Some(price),
         // Very old API versions carry a `plan` instead of `items[].price`.
-        _ => opt_id(o, "plan")?,
+        None => opt_id(o.get("plan"), "plan")?,
     };
-    let cancel_at_period_end =
-        opt_bool(o, "cancel_at_period_end")?.unwrap_or(false) || opt_i64(o, "cancel_at")?.is_some();
+    let cancel_at_period_end = opt_bool(o.get("cancel_at_period_end"), "cancel_at_period_end")?
+        .unwrap_or(false)
+        || opt_i64(o.get("cancel_at"), "cancel_at")?.is_some();
     Ok(EventObject::Subscription {
-        id: req_str(o, "id")?,
-        customer: opt_id(o, "customer")?
+        id: req_str(o.get("id"), "id")?,
+        customer: opt_id(o.get("customer"), "customer")?
             .ok_or_else(|| EventParseError::new("subscription without customer"))?,
-        status: req_str(o, "status")?,
+        status: req_str(o.get("status"), "status")?,
         price_id,
         current_period_end,
         current_period_start,
         cancel_at_period_end,
-        trial_end: opt_i64(o, "trial_end")?,
-        canceled_at: opt_i64(o, "canceled_at")?,
-        ended_at: opt_i64(o, "ended_at")?,
+        trial_end: opt_i64(o.get("trial_end"), "trial_end")?,
+        canceled_at: opt_i64(o.get("canceled_at"), "canceled_at")?,
+        ended_at: opt_i64(o.get("ended_at"), "ended_at")?,
     })
 }
 
-fn invoice(o: &Value) -> Result<EventObject, EventParseError> {
-    let first_line = first_of_list(o, "lines")?;
-    let line_period = |key: &str| -> Result<Option<i64>, EventParseError> {
-        match first_line.and_then(|line| line.get("period")) {
-            Some(period) if !period.is_null() => opt_i64(period, key),
-            _ => Ok(None),
-        }
-    };
-    let period_end = match line_period("end")? {
+const INVOICE_KEYS: [&str; 9] = [
+    "id",
+    "customer",
+    "subscription",
+    "parent",
+    "lines",
+    "period_end",
+    "period_start",
+    "billing_reason",
+    "created",
+];
+const LINE_KEYS: [&str; 3] = ["period", "subscription", "parent"];
+
+fn invoice(raw: &RawValue) -> Result<EventObject, EventParseError> {
+    let o = fields(Some(raw), &INVOICE_KEYS)?;
+    let line = fields(first_of_list(o.get("lines"), "lines")?, &LINE_KEYS)?;
+    let period = fields(line.get("period"), &["start", "end"])?;
+    let period_end = match opt_i64(period.get("end"), "end")? {
         Some(v) => Some(v),
-        None => opt_i64(o, "period_end")?,
+        None => opt_i64(o.get("period_end"), "period_end")?,
     };
-    let period_start = match line_period("start")? {
+    let period_start = match opt_i64(period.get("start"), "start")? {
         Some(v) => Some(v),
-        None => opt_i64(o, "period_start")?,
+        None => opt_i64(o.get("period_start"), "period_start")?,
     };
     Ok(EventObject::Invoice {
-        id: req_str(o, "id")?,
-        customer: opt_id(o, "customer")?
+        id: req_str(o.get("id"), "id")?,
+        customer: opt_id(o.get("customer"), "customer")?
             .ok_or_else(|| EventParseError::new("invoice without customer"))?,
-        subscription: invoice_subscription(o, first_line)?,
+        subscription: invoice_subscription(&o, &line)?,
         period_start,
         period_end,
-        billing_reason: opt_str(o, "billing_reason")?,
-        created: opt_i64(o, "created")?,
+        billing_reason: opt_str(o.get("billing_reason"), "billing_reason")?,
+        created: opt_i64(o.get("created"), "created")?,
     })
 }
 
 /// The invoice's subscription, wherever this API version put it.
 fn invoice_subscription(
-    o: &Value,
-    first_line: Option<&Value>,
+    o: &Obj<'_, 9>,
+    line: &Obj<'_, 3>,
 ) -> Result<Option<String>, EventParseError> {
     // Before 2025-03-31.
-    if let Some(id) = opt_id(o, "subscription")? {
+    if let Some(id) = opt_id(o.get("subscription"), "subscription")? {
         return Ok(Some(id));
     }
     // Since 2025-03-31 ("basil").
-    if let Some(details) = o
-        .get("parent")
-        .and_then(|p| p.get("subscription_details"))
-        .filter(|d| !d.is_null())
-    {
-        if let Some(id) = opt_id(details, "subscription")? {
-            return Ok(Some(id));
-        }
+    let details = fields(o.get("parent"), &["subscription_details"])?.get("subscription_details");
+    if let Some(id) = opt_id(
+        fields(details, &["subscription"])?.get("subscription"),
+        "subscription",
+    )? {
+        return Ok(Some(id));
     }
     // Last resort: the line items name it too (old `subscription`, new
     // `parent.subscription_item_details.subscription`).
-    if let Some(line) = first_line {
-        if let Some(id) = opt_id(line, "subscription")? {
-            return Ok(Some(id));
-        }
-        if let Some(details) = line
-            .get("parent")
-            .and_then(|p| p.get("subscription_item_details"))
-            .filter(|d| !d.is_null())
-        {
-            return opt_id(details, "subscription");
-        }
+    if let Some(id) = opt_id(line.get("subscription"), "subscription")? {
+        return Ok(Some(id));
     }
-    Ok(None)
+    let details = fields(line.get("parent"), &["subscription_item_details"])?
+        .get("subscription_item_details");
+    opt_id(
+        fields(details, &["subscription"])?.get("subscription"),
+        "subscription",
+    )
 }
 
-/// The first element of a Stripe list object (`{"object":"list","data":[...]}`) at `key`.
-fn first_of_list<'a>(o: &'a Value, key: &str) -> Result<Option<&'a Value>, EventParseError> {
-    let Some(list) = o.get(key).filter(|v| !v.is_null()) else {
+/// The first element of a Stripe list object (`{"object":"list","data":[...]}`).
+fn first_of_list<'a>(
+    list: Option<&'a RawValue>,
+    key: &str,
+) -> Result<Option<&'a RawValue>, EventParseError> {
+    let Some(list) = present(list) else {
         return Ok(None);
     };
-    let data = list
+    let data = fields(Some(list), &["data"])?
         .get("data")
-        .and_then(Value::as_array)
+        .filter(|d| kind(d) == Kind::Array)
         .ok_or_else(|| EventParseError::new(format!("{key} is not a list object")))?;
-    match data.first() {
-        Some(first) if first.is_object() => Ok(Some(first)),
+    let first = visit(data.get(), FirstElement)
+        .map_err(|e| EventParseError::new(format!("{key}.data: {e}")))?;
+    match first {
+        Some(first) if kind(first) == Kind::Object => Ok(Some(first)),
         Some(_) => Err(EventParseError::new(format!(
             "{key}.data[0] is not an object"
         ))),
@@ -266,54 +394,241 @@ fn first_of_list<'a>(o: &'a Value, key: &str) -> Result<Option<&'a Value>, Event
     }
 }
 
-fn req_str(o: &Value, key: &str) -> Result<String, EventParseError> {
-    opt_str(o, key)?.ok_or_else(|| EventParseError::new(format!("missing {key}")))
+fn req_str(v: Option<&RawValue>, key: &str) -> Result<String, EventParseError> {
+    opt_str(v, key)?.ok_or_else(|| EventParseError::new(format!("missing {key}")))
 }
 
-fn req_i64(o: &Value, key: &str) -> Result<i64, EventParseError> {
-    opt_i64(o, key)?.ok_or_else(|| EventParseError::new(format!("missing {key}")))
+fn req_i64(v: Option<&RawValue>, key: &str) -> Result<i64, EventParseError> {
+    opt_i64(v, key)?.ok_or_else(|| EventParseError::new(format!("missing {key}")))
 }
 
-fn opt_str(o: &Value, key: &str) -> Result<Option<String>, EventParseError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
+fn opt_str(v: Option<&RawValue>, key: &str) -> Result<Option<String>, EventParseError> {
+    match present(v) {
+        None => Ok(None),
+        Some(raw) if kind(raw) == Kind::String => decode_string(raw, key).map(Some),
         Some(_) => Err(EventParseError::new(format!("{key} is not a string"))),
     }
 }
 
-fn opt_i64(o: &Value, key: &str) -> Result<Option<i64>, EventParseError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_i64()
+fn opt_i64(v: Option<&RawValue>, key: &str) -> Result<Option<i64>, EventParseError> {
+    match present(v) {
+        None => Ok(None),
+        // Floats, exponents and integers outside i64 fail here, as `Value::as_i64` would.
+        Some(raw) => serde_json::from_str::<i64>(raw.get())
             .map(Some)
-            .ok_or_else(|| EventParseError::new(format!("{key} is not an integer"))),
+            .map_err(|_| EventParseError::new(format!("{key} is not an integer"))),
     }
 }
 
-fn opt_bool(o: &Value, key: &str) -> Result<Option<bool>, EventParseError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
+fn opt_bool(v: Option<&RawValue>, key: &str) -> Result<Option<bool>, EventParseError> {
+    match present(v).map(RawValue::get) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
         Some(_) => Err(EventParseError::new(format!("{key} is not a boolean"))),
     }
 }
 
 /// An id that Stripe sends either as a string or, when expanded, as an object with `id`.
-fn opt_id(o: &Value, key: &str) -> Result<Option<String>, EventParseError> {
-    match o.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(obj @ Value::Object(_)) => match obj.get("id") {
-            Some(Value::String(s)) => Ok(Some(s.clone())),
+fn opt_id(v: Option<&RawValue>, key: &str) -> Result<Option<String>, EventParseError> {
+    let Some(raw) = present(v) else {
+        return Ok(None);
+    };
+    match kind(raw) {
+        Kind::String => decode_string(raw, key).map(Some),
+        Kind::Object => match fields(Some(raw), &["id"])?.get("id") {
+            Some(id) if kind(id) == Kind::String => decode_string(id, key).map(Some),
             _ => Err(EventParseError::new(format!(
                 "expanded {key} has no string id"
             ))),
         },
-        Some(_) => Err(EventParseError::new(format!(
+        _ => Err(EventParseError::new(format!(
             "{key} is neither an id nor an object"
         ))),
+    }
+}
+
+fn decode_string(raw: &RawValue, key: &str) -> Result<String, EventParseError> {
+    serde_json::from_str(raw.get()).map_err(|e| EventParseError::new(format!("{key}: {e}")))
+}
+
+// ---- reading members without a JSON tree ----
+
+/// The JSON type of a raw value, from its first byte (a `RawValue` never starts with
+/// whitespace: serde_json skips it before capturing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+fn kind(raw: &RawValue) -> Kind {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => Kind::Object,
+        Some(b'[') => Kind::Array,
+        Some(b'"') => Kind::String,
+        Some(b't' | b'f') => Kind::Bool,
+        Some(b'n') => Kind::Null,
+        _ => Kind::Number,
+    }
+}
+
+/// `None` for a missing member and for an explicit `null`.
+fn present(v: Option<&RawValue>) -> Option<&RawValue> {
+    v.filter(|raw| kind(raw) != Kind::Null)
+}
+
+/// The members named in `keys` of one JSON object, borrowed from the body.
+struct Obj<'a, const N: usize> {
+    keys: &'static [&'static str; N],
+    values: [Option<&'a RawValue>; N],
+}
+
+impl<'a, const N: usize> Obj<'a, N> {
+    /// The member `key` (one of the keys this object was read for), `null` included.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        let index = self.keys.iter().position(|k| *k == key);
+        debug_assert!(index.is_some(), "{key} was not among the keys read");
+        index.and_then(|i| self.values[i])
+    }
+}
+
+/// Reads the members `keys` of `json`; `Ok(None)` if it is valid JSON but not an object.
+fn read_object<'a, const N: usize>(
+    json: &'a str,
+    keys: &'static [&'static str; N],
+) -> Result<Option<Obj<'a, N>>, serde_json::Error> {
+    Ok(visit(json, ObjectVisitor { keys })?.map(|values| Obj { keys, values }))
+}
+
+/// Like [`read_object`] on a member: absent, `null` or not an object gives an `Obj` where
+/// every key is absent, which is what chained `Value::get` calls would see.
+fn fields<'a, const N: usize>(
+    v: Option<&'a RawValue>,
+    keys: &'static [&'static str; N],
+) -> Result<Obj<'a, N>, EventParseError> {
+    let empty = Obj {
+        keys,
+        values: [None; N],
+    };
+    match v {
+        Some(raw) if kind(raw) == Kind::Object => Ok(read_object(raw.get(), keys)
+            .map_err(|e| EventParseError::new(format!("unreadable object: {e}")))?
+            .unwrap_or(empty)),
+        _ => Ok(empty),
+    }
+}
+
+/// Runs `visitor` over the whole of `json` (trailing characters are an error).
+fn visit<'a, V: Visitor<'a>>(json: &'a str, visitor: V) -> Result<V::Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let value = de::Deserializer::deserialize_any(&mut de, visitor)?;
+    de.end()?;
+    Ok(value)
+}
+
+/// Captures the members named in `keys` (the last one wins if a key repeats, as in a
+/// `serde_json::Map`) and skips the rest; any other JSON value reads as `None`.
+struct ObjectVisitor<const N: usize> {
+    keys: &'static [&'static str; N],
+}
+
+impl<'de, const N: usize> Visitor<'de> for ObjectVisitor<N> {
+    type Value = Option<[Option<&'de RawValue>; N]>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut values = [None; N];
+        while let Some(slot) = map.next_key_seed(KeyIndex { keys: self.keys })? {
+            match slot {
+                Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(values))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// A member name as the index of `keys` it matches, without allocating (escaped names
+/// arrive decoded in serde_json's scratch buffer).
+struct KeyIndex<const N: usize> {
+    keys: &'static [&'static str; N],
+}
+
+impl<'de, const N: usize> DeserializeSeed<'de> for KeyIndex<N> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, const N: usize> Visitor<'de> for KeyIndex<N> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a member name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Self::Value, E> {
+        Ok(self.keys.iter().position(|k| *k == name))
+    }
+}
+
+/// The first element of a JSON array as raw JSON; the rest is skipped.
+struct FirstElement;
+
+impl<'de> Visitor<'de> for FirstElement {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let first = seq.next_element::<&'de RawValue>()?;
+        if first.is_some() {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+        }
+        Ok(first)
     }
 }
 
@@ -321,7 +636,7 @@ fn opt_id(o: &Value, key: &str) -> Result<Option<String>, EventParseError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn parse(v: Value) -> Result<StripeEvent, EventParseError> {
         // Through the byte path, as the webhook does.

@@ -7,11 +7,15 @@
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// Stripe's default tolerance, and what the webhook endpoint uses.
 pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
+
+/// Bytes of an HMAC-SHA256 signature (a `v1` value is twice as many hex digits).
+const SIG_LEN: usize = 32;
 
 /// Why a webhook delivery was not accepted as coming from Stripe.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +35,10 @@ pub enum SignatureError {
 /// Checks `header` against `payload` (the raw request body) and returns the signed
 /// timestamp `t`. Any `v1` signature matching any secret passes; `v0` and unknown schemes
 /// are ignored, as Stripe's own libraries do.
+///
+/// Allocation-free: the header is validated in a first pass, then each secret's MAC is
+/// computed once (not once per candidate) and compared with each `v1`, decoded into a
+/// stack array, in constant time.
 pub fn verify(
     payload: &[u8],
     header: Option<&str>,
@@ -39,23 +47,22 @@ pub fn verify(
     tolerance_secs: i64,
 ) -> Result<i64, SignatureError> {
     let header = header.ok_or(SignatureError::Missing)?;
-    let parsed = parse_header(header)?;
+    let t = parse_header(header)?;
 
-    // Undecodable hex cannot match anything; it is skipped rather than rejected so one
-    // garbled entry does not hide a valid signature next to it.
-    let candidates: Vec<Vec<u8>> = parsed
-        .v1
-        .iter()
-        .filter_map(|sig| hex::decode(sig).ok())
-        .collect();
-
+    let mut digits = [0u8; I64_DIGITS];
+    let t_text = decimal(t, &mut digits);
     let matched = secrets.iter().any(|secret| {
-        candidates.iter().any(|candidate| {
-            // `verify_slice` compares in constant time, so timing reveals nothing about
-            // how much of a forged signature was right.
-            mac_for(payload, secret.as_ref(), parsed.t)
-                .verify_slice(candidate)
-                .is_ok()
+        let expected = mac_for(payload, secret.as_ref(), t_text)
+            .finalize()
+            .into_bytes();
+        // Undecodable hex (or a wrong length) cannot match anything; it is skipped rather
+        // than rejected so one garbled entry does not hide a valid signature next to it.
+        v1_values(header).any(|candidate| {
+            let mut decoded = [0u8; SIG_LEN];
+            // `ct_eq` compares in constant time, so timing reveals nothing about how
+            // much of a forged signature was right.
+            hex::decode_to_slice(candidate, &mut decoded).is_ok()
+                && bool::from(expected[..].ct_eq(&decoded[..]))
         })
     });
     if !matched {
@@ -65,70 +72,106 @@ pub fn verify(
     // Like Stripe's libraries, the timestamp is judged only once the signature is known
     // to be authentic (the timestamp is part of what is signed).
     let tolerance = tolerance_secs.max(0);
-    if parsed.t < now_unix.saturating_sub(tolerance)
-        || parsed.t > now_unix.saturating_add(tolerance)
-    {
+    if t < now_unix.saturating_sub(tolerance) || t > now_unix.saturating_add(tolerance) {
         return Err(SignatureError::Expired);
     }
-    Ok(parsed.t)
+    Ok(t)
 }
 
 /// The `Stripe-Signature` header value Stripe would send for `payload` at time `t`.
 /// Used by the offline fake Stripe and by tests.
 pub fn sign(payload: &[u8], secret: &str, t: i64) -> String {
-    let sig = mac_for(payload, secret, t).finalize().into_bytes();
+    let mut digits = [0u8; I64_DIGITS];
+    let sig = mac_for(payload, secret, decimal(t, &mut digits))
+        .finalize()
+        .into_bytes();
     format!("t={t},v1={}", hex::encode(sig))
 }
 
-fn mac_for(payload: &[u8], secret: &str, t: i64) -> HmacSha256 {
+/// HMAC-SHA256 of `"{t}." + payload`, `t` in decimal as Stripe writes it.
+fn mac_for(payload: &[u8], secret: &str, t_decimal: &[u8]) -> HmacSha256 {
     // Stripe keys the HMAC with the whole secret string, `whsec_` prefix included, not
     // with a decoded form of it.
     let mut mac =
         HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
-    mac.update(t.to_string().as_bytes());
+    mac.update(t_decimal);
     mac.update(b".");
     mac.update(payload);
     mac
 }
 
-struct ParsedHeader<'a> {
-    t: i64,
-    v1: Vec<&'a str>,
+/// Enough for any i64 in decimal: 19 digits and a sign.
+const I64_DIGITS: usize = 20;
+
+/// `n` in decimal, written into the end of `buf` (what `n.to_string()` gives, without
+/// allocating).
+fn decimal(n: i64, buf: &mut [u8; I64_DIGITS]) -> &[u8] {
+    let mut rest = n.unsigned_abs();
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        start -= 1;
+        buf[start] = b'-';
+    }
+    &buf[start..]
 }
 
-fn parse_header(header: &str) -> Result<ParsedHeader<'_>, SignatureError> {
+/// The items of the header as trimmed `(key, value)` pairs; empty items are skipped and
+/// `None` marks an item without `=`.
+fn items(header: &str) -> impl Iterator<Item = Option<(&str, &str)>> {
+    header
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.split_once('=')
+                .map(|(key, value)| (key.trim(), value.trim()))
+        })
+}
+
+/// The `v1` values of a header that [`parse_header`] accepted.
+fn v1_values(header: &str) -> impl Iterator<Item = &str> {
+    items(header).filter_map(|item| match item {
+        Some(("v1", value)) => Some(value),
+        _ => None,
+    })
+}
+
+/// Validates the whole header and returns its timestamp: exactly one integer `t`, at
+/// least one `v1`, every item `key=value`.
+fn parse_header(header: &str) -> Result<i64, SignatureError> {
     let mut t = None;
-    let mut v1 = Vec::new();
-    for item in header.split(',') {
-        let item = item.trim();
-        if item.is_empty() {
-            continue;
-        }
-        let (key, value) = item
-            .split_once('=')
-            .ok_or(SignatureError::Malformed("item without '='"))?;
-        match key.trim() {
+    let mut has_v1 = false;
+    for item in items(header) {
+        let (key, value) = item.ok_or(SignatureError::Malformed("item without '='"))?;
+        match key {
             "t" => {
                 if t.is_some() {
                     return Err(SignatureError::Malformed("more than one timestamp"));
                 }
                 let parsed = value
-                    .trim()
                     .parse::<i64>()
                     .map_err(|_| SignatureError::Malformed("timestamp is not an integer"))?;
                 t = Some(parsed);
             }
-            "v1" => v1.push(value.trim()),
+            "v1" => has_v1 = true,
             // v0 is Stripe's test-mode scheme and other schemes may appear later; neither
             // may be trusted, so both are skipped.
             _ => {}
         }
     }
     let t = t.ok_or(SignatureError::Malformed("no timestamp"))?;
-    if v1.is_empty() {
+    if !has_v1 {
         return Err(SignatureError::Malformed("no v1 signature"));
     }
-    Ok(ParsedHeader { t, v1 })
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -379,6 +422,35 @@ mod tests {
         assert_eq!(
             verify(BODY, Some(&header), &[SECRET], i64::MAX, 300),
             Ok(i64::MAX)
+        );
+    }
+
+    #[test]
+    fn decimal_matches_to_string() {
+        for n in [
+            0,
+            7,
+            -7,
+            10,
+            -10,
+            1_700_000_000,
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+        ] {
+            let mut buf = [0u8; I64_DIGITS];
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_v1_of_the_wrong_length_is_skipped_not_a_match() {
+        let good = hex_sig(BODY, SECRET, T);
+        // A prefix of the right signature, and the right one with extra hex after it.
+        let header = format!("t={T},v1={},v1={good}00", &good[..32]);
+        assert_eq!(
+            verify(BODY, Some(&header), &[SECRET], T, 300),
+            Err(SignatureError::Mismatch)
         );
     }
 

@@ -48,14 +48,19 @@ impl Billing {
         let Some(sub) = pick(&subs) else {
             return Ok(false);
         };
-        let now = self.now_secs();
+        let now_ms = self.inner.clock.now_millis();
+        let now = now_ms / 1000;
         let ended = matches!(sub.status.as_str(), "canceled" | "incomplete_expired");
         let ty = if ended {
             super::event::SUBSCRIPTION_DELETED
         } else {
             super::event::SUBSCRIPTION_UPDATED
         };
-        let id = format!("sync_{}_{}", sub.id, now);
+        // Milliseconds, not seconds: two syncs within one second (the daily task and a
+        // `stripe sync`, say) are different snapshots, and with the same id the second
+        // would be taken for a redelivery of the first and dropped. Same-second
+        // snapshots of one type then order by this id, i.e. by time (13 digits).
+        let id = format!("sync_{}_{}", sub.id, now_ms);
         let raw = json!({
             "id": id,
             "object": "event",
@@ -93,8 +98,9 @@ impl Billing {
         if !changes {
             return Ok(false);
         }
-        let p = self.process(event, text).await?;
-        Ok(p.status == "applied")
+        let p = self.process(event, text.into()).await?;
+        // A duplicate answers with the status recorded the first time; it changed nothing.
+        Ok(!p.duplicate && p.status == "applied")
     }
 }
 

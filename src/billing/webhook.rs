@@ -1,13 +1,17 @@
-//! The webhook pipeline: raw body → signature check → lenient parse → ONE write that
+//! The webhook pipeline: raw body → signature check → one lenient read → ONE write that
 //! records the event id and applies its effect → answer. A duplicate id changes nothing;
 //! a failure rolls back everything and answers 500 so Stripe retries, and is recorded
 //! (in a separate write) as `failed` for admins. Failed events are re-applied when
 //! Stripe redelivers them or an admin replays them.
+//!
+//! Per delivery the body is read once ([`StripeEvent::read_delivery`]) and copied once,
+//! into an `Arc<str>` that the write closure and the failure path share; the event is
+//! shared the same way. Nothing else copies the payload before SQLite binds it.
 
-use serde_json::Value;
+use std::sync::Arc;
 
 use super::engine::{self, Decision, EngineCtx};
-use super::event::{EventObject, StripeEvent};
+use super::event::{Delivery, EventObject, StripeEvent};
 use super::{Billing, BillingError, parse_state};
 use crate::storage::billing::{self as sb, EventRecord, StateRow};
 use crate::storage::users;
@@ -20,24 +24,6 @@ pub struct Processed {
     /// applied | ignored | stale | failed
     pub status: String,
     pub user_id: Option<String>,
-}
-
-/// Envelope fields read even from events whose object has an unexpected shape.
-fn envelope(body: &[u8]) -> Result<(String, String, i64), BillingError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| BillingError::Invalid(format!("the body is not JSON: {e}")))?;
-    let id = v["id"].as_str().filter(|s| !s.is_empty());
-    let ty = v["type"].as_str().filter(|s| !s.is_empty());
-    match (id, ty) {
-        (Some(id), Some(ty)) if id.len() <= 255 && ty.len() <= 255 => Ok((
-            id.to_string(),
-            ty.to_string(),
-            v["created"].as_i64().unwrap_or(0),
-        )),
-        _ => Err(BillingError::Invalid(
-            "not a Stripe event: id and type are required".into(),
-        )),
-    }
 }
 
 impl Billing {
@@ -55,20 +41,35 @@ impl Billing {
             super::signature::DEFAULT_TOLERANCE_SECS,
         )
         .map_err(|e| BillingError::InvalidSignature(e.to_string()))?;
-        let (id, ty, created) = envelope(body)?;
-        let raw = String::from_utf8_lossy(body).into_owned();
-        let processed = match StripeEvent::parse(body) {
-            Ok(event) => self.process(event, raw).await,
-            Err(e) => {
+        // Valid JSON is valid UTF-8, so this refuses nothing that could be an event, and
+        // lets the payload be stored as the exact text that was signed.
+        let text = std::str::from_utf8(body)
+            .map_err(|e| BillingError::Invalid(format!("the body is not JSON: {e}")))?;
+        let delivery =
+            StripeEvent::read_delivery(text).map_err(|e| BillingError::Invalid(e.to_string()))?;
+        let raw: Arc<str> = Arc::from(text);
+        let (ty, processed) = match delivery {
+            Delivery::Event(event) => {
+                let ty = event.event_type.clone();
+                (ty, self.process(event, raw).await)
+            }
+            Delivery::Unreadable { envelope, error } => {
                 // Recorded for admins and answered 200: redelivering the same bytes
                 // cannot help. A fixed binary can replay it.
-                let reason = e.to_string();
-                self.record_failure(&id, &ty, created, &raw, &reason).await;
-                Ok(Processed {
+                self.record_failure(
+                    &envelope.id,
+                    &envelope.event_type,
+                    envelope.created,
+                    raw,
+                    error.to_string(),
+                )
+                .await;
+                let processed = Ok(Processed {
                     duplicate: false,
                     status: "failed".into(),
                     user_id: None,
-                })
+                });
+                (envelope.event_type, processed)
             }
         };
         let outcome = match &processed {
@@ -86,14 +87,17 @@ impl Billing {
     }
 
     /// Applies a parsed event exactly once; on failure records it and returns the error.
+    /// `raw` is the event's body as received, stored with it.
     pub async fn process(
         &self,
         event: StripeEvent,
-        raw: String,
+        raw: Arc<str>,
     ) -> Result<Processed, BillingError> {
+        // Shared, not cloned: the write closure must own what it reads ('static), and
+        // the failure path below still needs both after the closure is gone.
+        let event = Arc::new(event);
         let this = self.clone();
-        let ev = event.clone();
-        let payload = raw.clone();
+        let (ev, payload) = (Arc::clone(&event), Arc::clone(&raw));
         let now_ms = self.inner.clock.now_millis();
         let result = self
             .inner
@@ -110,20 +114,22 @@ impl Billing {
             Err(e) => {
                 let reason = e.to_string();
                 tracing::error!(event = %event.id, error = %reason, "applying a Stripe event failed; rolled back");
-                self.record_failure(&event.id, &event.event_type, event.created, &raw, &reason)
+                self.record_failure(&event.id, &event.event_type, event.created, raw, reason)
                     .await;
                 Err(e)
             }
         }
     }
 
-    async fn record_failure(&self, id: &str, ty: &str, created: i64, raw: &str, reason: &str) {
-        let (id, ty, raw, reason) = (
-            id.to_string(),
-            ty.to_string(),
-            raw.to_string(),
-            reason.to_string(),
-        );
+    async fn record_failure(
+        &self,
+        id: &str,
+        ty: &str,
+        created: i64,
+        raw: Arc<str>,
+        reason: String,
+    ) {
+        let (id, ty) = (id.to_string(), ty.to_string());
         let now = self.inner.clock.now_millis();
         let r = self
             .inner
@@ -344,7 +350,7 @@ impl Billing {
         })?;
         let this = self.clone();
         let now_ms = self.inner.clock.now_millis();
-        let payload = row.payload.clone();
+        let payload = row.payload;
         let p = self
             .inner
             .storage

@@ -112,7 +112,9 @@ pub struct EventRecord<'a> {
 }
 
 /// Records the outcome of processing an event: a new row, or an update of a row that
-/// failed before (a retried delivery or an admin replay).
+/// failed before (a retried delivery or an admin replay). `ON CONFLICT(id)` is the
+/// UNIQUE index `stripe_events_id`: one row per event id, whatever the interleaving.
+/// New rows append to the rowid table (migration 0004), in arrival order.
 pub fn record_event(
     conn: &Connection,
     e: &EventRecord<'_>,
@@ -179,15 +181,20 @@ pub fn list_events(
     limit: u32,
 ) -> Result<Vec<EventRow>, StorageError> {
     let (t, id) = before.unwrap_or((i64::MAX, ""));
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {EVENT_COLS} FROM stripe_events
-         WHERE (?1 IS NULL OR status = ?1) AND (received_at, id) < (?2, ?3)
-         ORDER BY received_at DESC, id DESC LIMIT ?4"
-    ))?;
+    let mut stmt = conn.prepare_cached(&list_events_sql())?;
     let rows = stmt
         .query_map(params![status, t, id, limit], event_from_row)?
         .collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+/// Served by the `(received_at, id)` index newest first (see migration 0004).
+fn list_events_sql() -> String {
+    format!(
+        "SELECT {EVENT_COLS} FROM stripe_events
+         WHERE (?1 IS NULL OR status = ?1) AND (received_at, id) < (?2, ?3)
+         ORDER BY received_at DESC, id DESC LIMIT ?4"
+    )
 }
 
 /// Counts events by (type, status), for metrics and tests.
@@ -349,4 +356,212 @@ pub fn fake_meter_total(conn: &Connection, customer_id: &str) -> Result<u64, Sto
         [customer_id],
         |r| r.get(0),
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::migrate;
+
+    /// Every column of every stripe_events row, in id order.
+    type Row = (
+        String,
+        String,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        String,
+        i64,
+        i64,
+        i64,
+    );
+
+    fn all_rows(conn: &Connection) -> Vec<Row> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT id, type, created, status, reason, user_id, payload, received_at,
+                        processed_at, attempts
+                 FROM stripe_events ORDER BY id",
+            )
+            .expect("prepare");
+        stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+                r.get(8)?,
+                r.get(9)?,
+            ))
+        })
+        .expect("query")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("rows")
+    }
+
+    fn at_version(dir: &std::path::Path, version: usize) -> Connection {
+        let mut conn = crate::storage::open_writer_conn(&dir.join("warpbase.db")).expect("open");
+        migrate::apply_list(&mut conn, &migrate::MIGRATIONS[..version]).expect("migrate");
+        conn
+    }
+
+    fn event<'a>(id: &'a str, status: &'a str) -> EventRecord<'a> {
+        EventRecord {
+            id,
+            event_type: "invoice.paid",
+            created: 1_750_000_000,
+            status,
+            reason: None,
+            user_id: None,
+            payload: r#"{"id":"x"}"#,
+        }
+    }
+
+    /// 0004 rebuilds stripe_events as a rowid table: a database written by the 0003
+    /// schema keeps every row and column, and an id already there is still refused.
+    #[test]
+    fn upgrading_from_0003_keeps_every_event_and_still_refuses_duplicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut conn = at_version(dir.path(), 3);
+        // Written with the 0003 code path: upsert into the WITHOUT ROWID table.
+        let n = 300;
+        for i in 0..n {
+            let id = format!(
+                "evt_{:024x}",
+                (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            );
+            let (status, reason, user) = match i % 4 {
+                0 => ("applied", None, Some("usr_1")),
+                1 => (
+                    "ignored",
+                    Some("no user of this instance has this customer"),
+                    None,
+                ),
+                2 => ("stale", Some("older than the state"), Some("usr_2")),
+                _ => ("failed", Some("boom"), None),
+            };
+            let payload = format!(r#"{{"id":"{id}","pad":"{}"}}"#, "x".repeat(i * 7));
+            let rec = EventRecord {
+                id: &id,
+                event_type: "customer.subscription.updated",
+                created: 1_700_000_000 + i as i64,
+                status,
+                reason,
+                user_id: user,
+                payload: &payload,
+            };
+            record_event(&conn, &rec, 1_000 + (i as i64 % 17)).expect("insert");
+            if i % 10 == 0 {
+                // A retried delivery: same id, attempts goes up.
+                record_event(&conn, &rec, 2_000).expect("retry");
+            }
+        }
+        let before = all_rows(&conn);
+        assert_eq!(before.len(), n);
+
+        migrate::apply(&mut conn).expect("upgrade");
+        assert_eq!(
+            migrate::current_version(&conn).expect("version"),
+            migrate::latest_version()
+        );
+        assert_eq!(all_rows(&conn), before, "every row and column kept");
+        let check: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .expect("integrity");
+        assert_eq!(check, "ok");
+        // A rowid table now (WITHOUT ROWID tables have no rowid to select).
+        let max_rowid: i64 = conn
+            .query_row("SELECT MAX(rowid) FROM stripe_events", [], |r| r.get(0))
+            .expect("rowid");
+        assert_eq!(max_rowid, n as i64);
+
+        // Duplicates: a plain INSERT of a known id is a unique violation ...
+        let (known_id, known_status) = (before[0].0.clone(), before[0].3.clone());
+        let err = conn
+            .execute(
+                "INSERT INTO stripe_events (id, type, created, status, payload, received_at, processed_at)
+                 VALUES (?1, 'invoice.paid', 1, 'applied', '{}', 1, 1)",
+                [&known_id],
+            )
+            .map_err(StorageError::from)
+            .expect_err("a second row with the same id");
+        assert!(err.is_unique_violation(), "{err}");
+        // ... and the pipeline's upsert updates the one row instead of adding one.
+        assert_eq!(
+            event_status(&conn, &known_id).expect("status"),
+            Some(known_status)
+        );
+        record_event(&conn, &event(&known_id, "applied"), 3_000).expect("upsert");
+        let after = all_rows(&conn);
+        assert_eq!(after.len(), n);
+        let row = after.iter().find(|r| r.0 == known_id).expect("row");
+        assert_eq!((row.3.as_str(), row.9), ("applied", before[0].9 + 1));
+
+        // New events append after the copied ones.
+        record_event(&conn, &event("evt_new", "ignored"), 4_000).expect("new");
+        let rowid: i64 = conn
+            .query_row(
+                "SELECT rowid FROM stripe_events WHERE id = 'evt_new'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("rowid");
+        assert_eq!(rowid, n as i64 + 1);
+    }
+
+    #[test]
+    fn the_admin_list_pages_newest_first_without_gaps_or_repeats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = at_version(dir.path(), migrate::MIGRATIONS.len());
+        // Several events share a received_at, so the id breaks ties.
+        let ids: Vec<String> = (0..23)
+            .map(|i| format!("evt_{:02}", (i * 7) % 23))
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let status = if i % 3 == 0 { "failed" } else { "applied" };
+            record_event(&conn, &event(id, status), 100 + (i as i64 / 4)).expect("insert");
+        }
+        for status in [None, Some("failed")] {
+            let mut seen: Vec<(Millis, String)> = Vec::new();
+            let mut cursor: Option<(Millis, String)> = None;
+            loop {
+                let page = list_events(
+                    &conn,
+                    status,
+                    cursor.as_ref().map(|(t, id)| (*t, id.as_str())),
+                    4,
+                )
+                .expect("page");
+                let Some(last) = page.last() else { break };
+                cursor = Some((last.received_at, last.id.clone()));
+                seen.extend(page.iter().map(|e| (e.received_at, e.id.clone())));
+            }
+            let mut want: Vec<(Millis, String)> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| status.is_none() || i % 3 == 0)
+                .map(|(i, id)| (100 + (i as i64 / 4), id.clone()))
+                .collect();
+            want.sort();
+            want.reverse();
+            assert_eq!(seen, want, "status {status:?}");
+        }
+        // The newest-first order comes from an index, not from sorting every event.
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", list_events_sql()))
+            .expect("plan")
+            .query_map(params![None::<String>, i64::MAX, "", 50], |r| r.get(3))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("plan rows");
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+    }
 }

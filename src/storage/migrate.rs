@@ -20,6 +20,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../migrations/0003_billing.sql"),
     ),
     (
+        "0004_stripe_events_rowid",
+        include_str!("../../migrations/0004_stripe_events_rowid.sql"),
+    ),
+    (
         "0005_job_counters",
         include_str!("../../migrations/0005_job_counters.sql"),
     ),

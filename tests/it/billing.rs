@@ -649,3 +649,63 @@ async fn reconciliation_repairs_state_when_webhooks_were_lost() {
     assert_eq!(again.applied, 0);
     app.shutdown().await;
 }
+
+/// Reconciliations within one second are distinct snapshots: each must be applied,
+/// not mistaken for a redelivery of the first (their synthetic ids used to be
+/// `sync_{sub}_{unix seconds}`), and a sync that changed nothing must not say it did.
+#[tokio::test]
+async fn reconciliations_within_one_second_are_each_applied() {
+    let clock = ManualClock::new();
+    // Early in a second, so the whole test stays inside it.
+    clock.set_millis((clock.now_millis() / 1000 + 1) * 1000 + 100);
+    let app = start_with_clock(Some(clock.clone())).await;
+    // The daily reconciliation runs once at start; let it claim its run before any
+    // customer exists, so it cannot be the one that repairs what this test changes.
+    eventually(T, "the daily reconciliation to have run", || async {
+        app.state()
+            .storage
+            .read(|c| warpbase::storage::jobs::meta_get(c, "periodic.billing.reconcile"))
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+    let user = app.create_user("twice@example.com").await;
+    subscribe_offline(&app, &user, "pro").await;
+    eventually(T, "active", || async {
+        (subscription(&app, &user).await["status"] == "active").then_some(())
+    })
+    .await;
+    // Into the next second: within the checkout's second its invoice.paid outranks any
+    // update (events of one second order by type), which is not what is tested here.
+    clock.set_millis((clock.now_millis() / 1000 + 1) * 1000 + 100);
+    let second = clock.now_millis() / 1000;
+    // Two updates (same second and type: ordered by the id, i.e. by the millisecond),
+    // then the end of the subscription.
+    for status in ["past_due", "active", "canceled"] {
+        let (uid, st) = (user.id.clone(), status.to_string());
+        app.state()
+            .storage
+            .write(move |c| {
+                c.execute(
+                    "UPDATE fake_subscriptions SET status = ?2 WHERE user_id = ?1",
+                    [&uid, &st],
+                )?;
+                Ok::<_, warpbase::storage::StorageError>(())
+            })
+            .await
+            .expect("simulate");
+        clock.advance(Duration::from_millis(1));
+        let report = app.state().billing.sync_all().await.expect("sync");
+        assert_eq!(report.applied, 1, "the sync to {status}");
+        assert_eq!(subscription(&app, &user).await["status"], status);
+    }
+    assert_eq!(
+        clock.now_millis() / 1000,
+        second,
+        "both syncs in one second"
+    );
+    let again = app.state().billing.sync_all().await.expect("sync");
+    assert_eq!(again.applied, 0);
+    app.shutdown().await;
+}
