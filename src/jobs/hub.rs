@@ -6,13 +6,19 @@
 //! it missed. Publishing never waits: a subscriber that falls behind the channel capacity
 //! loses the oldest events (`Lagged`) and the stream resynchronises from the job's current
 //! state, so slow clients cost neither worker time nor unbounded memory.
+//!
+//! Every event is rendered to its SSE frames once, here, at publish ([`JobEvent`]); the
+//! streams only copy references to those bytes, whatever the number of subscribers.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
+
+use super::frame;
 
 /// Events kept per job for `Last-Event-ID` resume.
 const RING: usize = 256;
@@ -63,12 +69,17 @@ impl JobEventKind {
     }
 }
 
+/// One published event, already in its wire format (see [`super::frame`]).
 #[derive(Debug, Clone)]
 pub struct JobEvent {
-    pub job_id: String,
     /// Per-job sequence number, the SSE event id.
     pub seq: u64,
-    pub kind: JobEventKind,
+    /// The job's `done` event: a per-job stream ends after it.
+    pub terminal: bool,
+    /// The frame for `/jobs/{id}/events` (`id: {seq}`).
+    pub job_frame: Bytes,
+    /// The frame for `/events` (`id: {job_id}:{seq}`).
+    pub user_frame: Bytes,
 }
 
 struct JobChannel {
@@ -91,11 +102,15 @@ pub struct Hub {
 
 impl Hub {
     /// Publishes an event of `job_id` (owned by `user_id`) to its subscribers.
+    ///
+    /// The data JSON is serialised before taking the lock; only the `id:` line, which needs
+    /// the sequence number, is formatted under it.
     pub fn publish(&self, job_id: &str, user_id: Option<&str>, kind: JobEventKind) {
+        let data = kind.data().to_string();
+        let (name, terminal) = (kind.name(), kind.is_terminal());
         let Ok(mut ch) = self.inner.lock() else {
             return;
         };
-        let terminal = kind.is_terminal();
         let job = ch
             .jobs
             .entry(job_id.to_string())
@@ -105,10 +120,13 @@ impl Hub {
                 next_seq: 1,
                 finished: false,
             });
+        let seq = job.next_seq;
+        let (job_frame, user_frame) = frame::render_event(job_id, seq, name, &data);
         let event = Arc::new(JobEvent {
-            job_id: job_id.to_string(),
-            seq: job.next_seq,
-            kind,
+            seq,
+            terminal,
+            job_frame,
+            user_frame,
         });
         job.next_seq += 1;
         if job.ring.len() == RING {
@@ -248,6 +266,52 @@ mod tests {
         assert!(
             !complete,
             "events before the ring are gone: resync from state"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_are_rendered_once_for_both_streams() {
+        let hub = Hub::default();
+        let (_, mut rx, _) = hub.subscribe_job("j", None);
+        let mut user_rx = hub.subscribe_user("u");
+        hub.publish(
+            "j",
+            Some("u"),
+            JobEventKind::State {
+                id: "j".into(),
+                status: "running".into(),
+                attempt: 2,
+            },
+        );
+        let e = rx.recv().await.expect("event");
+        let data = r#"{"attempt":2,"id":"j","status":"running"}"#;
+        assert_eq!(
+            std::str::from_utf8(&e.job_frame).expect("utf-8"),
+            format!("id: 1\nevent: state\ndata: {data}\n\n")
+        );
+        assert_eq!(
+            std::str::from_utf8(&e.user_frame).expect("utf-8"),
+            format!("id: j:1\nevent: state\ndata: {data}\n\n")
+        );
+        assert!(!e.terminal);
+        // Every subscriber shares the same bytes.
+        let u = user_rx.recv().await.expect("event");
+        assert!(Arc::ptr_eq(&e, &u));
+        hub.publish(
+            "j",
+            Some("u"),
+            JobEventKind::Done {
+                id: "j".into(),
+                status: "succeeded".into(),
+                result: Some(serde_json::json!({"n": 1})),
+                error: None,
+            },
+        );
+        let done = rx.recv().await.expect("event");
+        assert!(done.terminal);
+        assert_eq!(
+            std::str::from_utf8(&done.job_frame).expect("utf-8"),
+            "id: 2\nevent: done\ndata: {\"error\":null,\"id\":\"j\",\"result\":{\"n\":1},\"status\":\"succeeded\"}\n\n"
         );
     }
 

@@ -12,6 +12,7 @@ pub mod analyze;
 pub mod backoff;
 pub mod command;
 pub mod demo;
+pub mod frame;
 pub mod hub;
 pub mod kinds;
 pub mod queue;

@@ -720,6 +720,58 @@ async fn the_user_stream_carries_every_job() {
     app.shutdown().await;
 }
 
+#[tokio::test]
+async fn sse_streams_end_cleanly_on_shutdown() {
+    let (app, user) = start().await;
+    // A parked job keeps its per-job stream open (no terminal event until shutdown).
+    let later = warpbase::clock::rfc3339(warpbase::clock::now_millis() + 3_600_000);
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "run_at": later, "payload": {"steps": 1, "step_ms": 0}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let open = |path: String| {
+        app.client
+            .get(app.url(&path))
+            .bearer_auth(&user.access_token)
+            .send()
+    };
+    let mut job = SseReader::new(
+        open(format!("/api/v1/jobs/{id}/events"))
+            .await
+            .expect("sse"),
+    );
+    let mut all = SseReader::new(open("/api/v1/events".into()).await.expect("sse"));
+    // Both start with the job's snapshot, the same event ids in both forms.
+    let mut job_events = Vec::new();
+    for _ in 0..2 {
+        job_events.push(job.next(T).await.expect("snapshot event"));
+    }
+    let names: Vec<&str> = job_events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names, ["state", "progress"]);
+    assert_eq!(job_events[0].data["status"], "queued");
+    let user_first = all.next(T).await.expect("snapshot event");
+    assert_eq!(user_first.event, "state");
+    assert_eq!(
+        user_first.id.as_deref(),
+        Some(format!("{id}:{}", job_events[0].id.as_deref().expect("id")).as_str())
+    );
+    let _ = all.next(T).await.expect("snapshot progress");
+    // Shutting down ends both streams: the body finishes, it is not cut off.
+    let stopping = tokio::spawn(app.shutdown());
+    assert!(
+        job.next(T).await.is_none(),
+        "the job stream ends on shutdown"
+    );
+    assert!(
+        all.next(T).await.is_none(),
+        "the user stream ends on shutdown"
+    );
+    stopping.await.expect("shutdown task");
+}
+
 /// Mints a session for a user inserted straight into a stopped server's database.
 fn seed_user(data_dir: &std::path::Path) -> String {
     let rt = tokio::runtime::Runtime::new().expect("rt");
