@@ -1,5 +1,7 @@
 //! HTTP routes of accounts (see docs/API.md "Accounts").
 
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -11,8 +13,6 @@ use serde_json::{Value, json};
 use super::extract::ClientInfo;
 use super::oauth_flow::{self, CallbackParams};
 use super::service;
-use std::sync::Arc;
-
 use crate::auth::{AdminUser, AuthUser, Profile, TokenPair};
 use crate::billing::Entitlement;
 use crate::error::{ApiError, ApiResult};
