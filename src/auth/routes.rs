@@ -111,9 +111,10 @@ impl UserView {
     }
 
     /// The view of `user_id`. Entitlement, profile and usage come from caches that the
-    /// commits changing them invalidate, so a warm `/me` reads no SQLite at all; what is
-    /// missing is read in one blocking read (one pool checkout, one read transaction).
-    /// `None` if the user does not exist.
+    /// commits changing them invalidate, so a warm `/me` reads no SQLite at all; on any
+    /// miss, profile and usage are read together in one blocking read (one pool
+    /// checkout, one read transaction; both are row lookups). `None` if the user does
+    /// not exist.
     async fn load(
         state: &AppState,
         user_id: &str,
@@ -121,64 +122,47 @@ impl UserView {
     ) -> ApiResult<Option<UserView>> {
         let mut plan = state.billing.entitlement(user_id).await;
         let since = plan.period_start;
-        let cached_profile = match row {
+        let cached = match row {
             Some(_) => None,
-            None => state.auth.cached_profile(user_id),
+            None => state
+                .auth
+                .cached_profile(user_id)
+                .zip(state.jobs.cached_usage(user_id, since)),
         };
-        let cached_usage = state.jobs.cached_usage(user_id, since);
-        let (profile, used) = match (cached_profile, cached_usage) {
-            (Some(p), Some(used)) => (p, used),
-            (cached_profile, cached_usage) => {
+        let (profile, used) = match cached {
+            Some(hit) => hit,
+            None => {
+                // A given row was read before the tickets were taken, so it must not be
+                // cached: an invalidation in between would go unnoticed.
+                let cacheable = row.is_none();
                 let profile_ticket = state.auth.profile_ticket(user_id);
                 let usage_ticket = state.jobs.usage_ticket(user_id);
                 let id = user_id.to_string();
-                let need_profile = cached_profile.is_none();
-                // A given row was read before the ticket was taken, so it must not be
-                // cached: an invalidation in between would go unnoticed.
-                let cacheable = row.is_none();
-                let need_usage = cached_usage.is_none();
-                let (loaded, used) = state
+                let loaded = state
                     .storage
                     .read(move |c| {
-                        let loaded = if need_profile {
-                            let row = match row {
-                                Some(r) => Some(r),
-                                None => users::get_user(c, &id)?,
-                            };
-                            match row {
-                                Some(r) => Some(Profile::new(&r, sa::identities_of(c, &id)?)),
-                                None => return Ok::<_, StorageError>((None, None)),
-                            }
-                        } else {
-                            None
+                        let row = match row {
+                            Some(r) => r,
+                            None => match users::get_user(c, &id)? {
+                                Some(r) => r,
+                                None => return Ok::<_, StorageError>(None),
+                            },
                         };
-                        let used = if need_usage {
-                            Some(crate::storage::jobs::period_usage(c, &id, since)?)
-                        } else {
-                            None
-                        };
-                        Ok((loaded, used))
+                        let profile = Profile::new(&row, sa::identities_of(c, &id)?);
+                        Ok(Some((
+                            profile,
+                            crate::storage::jobs::period_usage(c, &id, since)?,
+                        )))
                     })
                     .await?;
-                let profile = match (cached_profile, loaded) {
-                    (Some(p), _) => p,
-                    (None, Some(p)) => {
-                        let p = Arc::new(p);
-                        if cacheable {
-                            state.auth.cache_profile(p.clone(), profile_ticket);
-                        }
-                        p
-                    }
-                    (None, None) => return Ok(None),
+                let Some((profile, used)) = loaded else {
+                    return Ok(None);
                 };
-                let used = match (cached_usage, used) {
-                    (Some(n), _) => n,
-                    (None, n) => {
-                        let n = n.unwrap_or(0);
-                        state.jobs.cache_usage(user_id, since, n, usage_ticket);
-                        n
-                    }
-                };
+                let profile = Arc::new(profile);
+                if cacheable {
+                    state.auth.cache_profile(profile.clone(), profile_ticket);
+                }
+                state.jobs.cache_usage(user_id, since, used, usage_ticket);
                 (profile, used)
             }
         };
