@@ -83,12 +83,17 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum UserCommand {
-    /// Create a user without a password (they sign in with OAuth, or set one by password reset).
+    /// Create a user. Without `--password-stdin` the account has no password: the user
+    /// signs in with OAuth or sets one through password reset.
     Create {
         email: String,
         /// Make the user an admin.
         #[arg(long)]
         admin: bool,
+        /// Read the password from the first line of standard input (never from the
+        /// command line, where other local users could see it in the process list).
+        #[arg(long)]
+        password_stdin: bool,
     },
     /// List users.
     List,
@@ -378,7 +383,18 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
         };
         let now = crate::clock::now_millis();
         let result = match cmd {
-            UserCommand::Create { email, admin } => create_user(&storage, &email, admin, now).await,
+            UserCommand::Create {
+                email,
+                admin,
+                password_stdin,
+            } => {
+                let password_hash = if password_stdin {
+                    Some(hash_password_from_stdin().await?)
+                } else {
+                    None
+                };
+                create_user(&storage, &email, admin, password_hash, now).await
+            }
             UserCommand::List => {
                 let users = storage
                     .read(|c| storage::users::list_users(c, None, 10_000))
@@ -416,7 +432,34 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     })
 }
 
-async fn create_user(storage: &Storage, email: &str, admin: bool, now: i64) -> anyhow::Result<()> {
+/// Reads one line from stdin (the trailing newline is not part of the password), checks
+/// it against the same rules as registration and hashes it with argon2id.
+async fn hash_password_from_stdin() -> anyhow::Result<String> {
+    let line = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| line)
+    })
+    .await??;
+    let password = line
+        .strip_suffix('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .unwrap_or(&line)
+        .to_string();
+    if let Err(why) = crate::auth::password::validate_new_password(&password) {
+        bail!("{why} (read from standard input)");
+    }
+    Ok(crate::auth::password::PasswordHasher::new()
+        .hash(password)
+        .await?)
+}
+
+async fn create_user(
+    storage: &Storage,
+    email: &str,
+    admin: bool,
+    password_hash: Option<String>,
+    now: i64,
+) -> anyhow::Result<()> {
     let email = email.trim().to_lowercase();
     if email.len() > 254 || email.split('@').filter(|p| !p.is_empty()).count() != 2 {
         bail!("{email:?} is not an email address");
@@ -434,7 +477,7 @@ async fn create_user(storage: &Storage, email: &str, admin: bool, now: i64) -> a
                     // The operator vouches for the address.
                     email_verified: true,
                     name: None,
-                    password_hash: None,
+                    password_hash: password_hash.as_deref(),
                     role: Some(role),
                     now,
                 },

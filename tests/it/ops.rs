@@ -316,6 +316,88 @@ fn user_create_from_the_command_line() {
     assert_eq!(list.lines().count(), 3, "header + two users: {list}");
 }
 
+/// Runs the binary with `args`, writing `stdin` to its standard input.
+fn cli_with_stdin(args: &[&OsStr], stdin: &str) -> Output {
+    use std::io::Write;
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(crate::common::binary())
+        .args(args)
+        .current_dir(cwd.path())
+        .env_remove("RUST_LOG")
+        .env_remove("WARPBASE_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run warpbase");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_create_with_a_password_from_stdin_can_sign_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |email: &'static str| {
+        let mut a: Vec<&OsStr> = vec![
+            OsStr::new("user"),
+            OsStr::new("create"),
+            OsStr::new(email),
+            OsStr::new("--admin"),
+            OsStr::new("--password-stdin"),
+        ];
+        a.extend(data_dir_arg(dir.path()));
+        a
+    };
+    // The registration rules apply; nothing is created on a refusal.
+    let o = cli_with_stdin(&args("short@example.com"), "too short\n");
+    assert_fails_with(&o, "at least 10 characters", "short password");
+    // The newline ends the password; inner spaces are part of it.
+    let o = cli_with_stdin(&args("root@example.com"), "correct horse battery\n");
+    assert_ok(&o, "create with password");
+    assert!(
+        stdout(&o).contains("admin root@example.com"),
+        "{}",
+        stdout(&o)
+    );
+    let mut list: Vec<&OsStr> = vec![OsStr::new("user"), OsStr::new("list")];
+    list.extend(data_dir_arg(dir.path()));
+    let o = cli(list);
+    assert_ok(&o, "user list");
+    assert!(!stdout(&o).contains("short@example.com"), "{}", stdout(&o));
+
+    let server = crate::common::ChildServer::start(dir.path(), &[], &[]);
+    let client = reqwest::Client::new();
+    let login = |email: &'static str, password: &'static str| {
+        client
+            .post(server.url("/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": password}))
+            .send()
+    };
+    let r = login("root@example.com", "correct horse battery")
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 200, "the stdin password signs in");
+    let body: Value = r.json().await.expect("json");
+    let me = client
+        .get(server.url("/api/v1/me"))
+        .bearer_auth(body["access_token"].as_str().expect("access token"))
+        .send()
+        .await
+        .expect("me");
+    let me: Value = me.json().await.expect("json");
+    assert_eq!(me["role"], "admin", "{me}");
+    let r = login("root@example.com", "correct horse battery\n")
+        .await
+        .expect("login");
+    assert_eq!(r.status(), 401, "the newline is not part of the password");
+    server.kill9();
+}
+
 // ---------------------------------------------------------------------------------------
 // Scheduled backups
 
