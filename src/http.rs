@@ -1,25 +1,25 @@
 //! The HTTP stack: router assembly and the middleware every response passes through.
 //!
-//! Order (outermost first): the edge (request id, problem rendering, security headers,
-//! metrics: one middleware, see [`edge`]) → tracing → panic catching → timeout →
-//! compression → routes. The edge sits outside the panic and timeout layers so their bare
+//! Order (outermost first): the edge (request id, tracing span, timeout, panic catching,
+//! problem rendering, security headers, metrics: one middleware, see [`edge`]) →
+//! compression → routes. Timeouts and panics are caught inside the edge, so their
 //! responses become problem+json with the request id and the security headers, like
 //! every other response.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, MatchedPath, Request};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use tower_http::catch_panic::CatchPanicLayer;
+use futures_util::FutureExt;
 use tower_http::compression::CompressionLayer;
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -41,39 +41,28 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
         .fallback(crate::web::fallback)
         .layer(axum::extract::DefaultBodyLimit::max(json_limit));
     app.layer(CompressionLayer::new())
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
-        ))
-        .layer(CatchPanicLayer::custom(panic_response))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let id = req
-                    .headers()
-                    .get(&REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }),
-        )
-        .layer(middleware::from_fn(edge))
+        .layer(middleware::from_fn_with_state(timeout, edge))
         .with_state(state)
 }
 
-fn panic_response(_err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+fn panic_response() -> Response {
     // The panic message was already printed by the panic hook; it may hold internals.
     ApiError::internal("handler panicked").into_response()
 }
 
-/// What every response passes through, in one middleware rather than five stacked
-/// layers (each `Router::layer` wraps every route, and each layer's future and clones
-/// showed in the `/me` profile):
+/// What every response passes through, in one middleware rather than a stack of layers
+/// (`Router::layer` wraps every route, and each layer is a boxed service cloned for every
+/// request; in the `/me` profile those clones cost more than most of the handler):
 /// - the request id: the client's `x-request-id`, or a new UUID; set on the request (for
-///   tracing and handlers) and echoed on the response;
-/// - errors rendered as problem+json carrying that id;
+///   handlers) and echoed on the response;
+/// - a `http` tracing span (method, path, request id) around the handler, and a debug
+///   event with status and latency;
+/// - the request timeout (408 until the response head) and panic catching (500): both
+///   as problems, like every error;
+/// - errors rendered as problem+json carrying the request id;
 /// - the security headers, unless the response set its own;
 /// - `http_requests_total{route,status}` and `http_request_duration_seconds{route}`.
-async fn edge(mut req: Request, next: Next) -> Response {
+async fn edge(State(timeout): State<Duration>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let request_id = match req.headers().get(&REQUEST_ID) {
         Some(v) if !v.is_empty() => v.clone(),
@@ -84,22 +73,72 @@ async fn edge(mut req: Request, next: Next) -> Response {
             id
         }
     };
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let resp = next.run(req).await;
-    let mut resp = render_problem(resp, request_id.to_str().unwrap_or(""));
+    let id = request_id.to_str().unwrap_or("");
+    let span = tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id);
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let handled = tokio::time::timeout(timeout, AssertUnwindSafe(next.run(req)).catch_unwind())
+        .instrument(span.clone())
+        .await;
+    let resp = match handled {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(_panic)) => panic_response(),
+        Err(_elapsed) => StatusCode::REQUEST_TIMEOUT.into_response(),
+    };
+    let mut resp = render_problem(resp, id);
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed();
+    tracing::debug!(parent: &span, status, latency_ms = elapsed.as_secs_f64() * 1000.0, "request finished");
     let headers = resp.headers_mut();
     headers.insert(REQUEST_ID, request_id);
     crate::web::add_security_headers(headers);
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!("http_requests_total", "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("http_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+    record_request(route, status, elapsed.as_secs_f64());
     resp
+}
+
+/// The metric handles of one route: its latency histogram and a counter per status seen.
+struct RouteMetrics {
+    duration: metrics::Histogram,
+    by_status: Vec<(u16, metrics::Counter)>,
+}
+
+thread_local! {
+    /// Handles by route, per worker thread: registering a labelled metric (building its
+    /// key, hashing it into the registry) cost more than recording into it, on every
+    /// request. Routes are templates (`/api/v1/jobs/{id}`) and statuses few, so this
+    /// stays small.
+    static ROUTE_METRICS: std::cell::RefCell<std::collections::HashMap<Box<str>, RouteMetrics>> =
+        Default::default();
+}
+
+/// `http_requests_total{route,status}` += 1 and `http_request_duration_seconds{route}`.
+fn record_request(route: &str, status: u16, seconds: f64) {
+    ROUTE_METRICS.with_borrow_mut(|routes| {
+        if !routes.contains_key(route) {
+            let duration =
+                metrics::histogram!("http_request_duration_seconds", "route" => route.to_owned());
+            routes.insert(
+                route.into(),
+                RouteMetrics {
+                    duration,
+                    by_status: Vec::new(),
+                },
+            );
+        }
+        let Some(m) = routes.get_mut(route) else {
+            return;
+        };
+        m.duration.record(seconds);
+        match m.by_status.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!("http_requests_total",
+                    "route" => route.to_owned(), "status" => status.to_string());
+                counter.increment(1);
+                m.by_status.push((status, counter));
+            }
+        }
+    });
 }
 
 /// An error response as problem+json carrying the request id; others unchanged.
@@ -158,7 +197,23 @@ where
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
-        axum::Json(self.0).into_response()
+        // Like `axum::Json`, but the buffer starts at 1 KiB (axum's starts at 128 bytes
+        // and regrows several times for a typical object), and a value that cannot be
+        // serialised is a problem, not a plain-text 500.
+        let mut buf = Vec::with_capacity(1024);
+        match serde_json::to_writer(&mut buf, &self.0) {
+            Ok(()) => (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                buf,
+            )
+                .into_response(),
+            Err(e) => {
+                ApiError::internal(format!("serialising the response failed: {e}")).into_response()
+            }
+        }
     }
 }
 

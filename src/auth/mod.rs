@@ -245,8 +245,8 @@ impl Auth {
             None => return Err(AuthError::Unauthorized),
         }
         Ok(Principal {
-            user_id: claims.sub,
-            session_id: claims.sid,
+            user_id: claims.sub.clone(),
+            session_id: claims.sid.clone(),
             is_admin: state.is_admin,
         })
     }

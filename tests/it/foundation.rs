@@ -28,6 +28,13 @@ fn test_routes() -> axum::Router<warpbase::AppState> {
             }),
         )
         .route(
+            "/api/v1/test/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                "too late"
+            }),
+        )
+        .route(
             "/api/v1/test/echo",
             post(
                 |warpbase::http::Json(b): warpbase::http::Json<Body>| async move {
@@ -141,6 +148,29 @@ async fn a_panic_is_a_500_problem_and_the_server_keeps_serving() {
             "internals leaked: {body}"
         );
     }
+    assert_eq!(app.get("/healthz", None).await.status(), 200);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_handler_is_cut_off_with_a_408_problem() {
+    let app = TestApp::start_with(
+        |c| c.request_timeout = Duration::from_millis(300),
+        AppOptions {
+            extra_routes: Some(test_routes()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = app.get("/api/v1/test/slow", None).await;
+    assert!(r.headers().contains_key("x-request-id"));
+    assert!(r.headers().contains_key("content-security-policy"));
+    expect_problem(r, 408, "timeout").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut off at the timeout, not when the handler ends"
+    );
     assert_eq!(app.get("/healthz", None).await.status(), 200);
     app.shutdown().await;
 }
