@@ -365,6 +365,36 @@ mod tests {
     }
 
     #[test]
+    fn an_unwatched_job_gets_no_channel_and_its_events_are_rendered_on_first_use() {
+        let hub = Hub::default();
+        hub.publish("j", Some("u"), progress(5));
+        let no_channel = hub
+            .inner
+            .lock()
+            .map(|ch| ch.jobs.get("j").is_some_and(|j| j.tx.is_none()))
+            .expect("lock");
+        assert!(no_channel, "no broadcast channel before a subscriber");
+        // A resume still finds the event in the ring.
+        let (replay, _rx, complete) = hub.subscribe_job("j", Some(0));
+        assert!(complete);
+        assert_eq!(replay.len(), 1);
+        assert!(replay[0].frames.get().is_none(), "not rendered at publish");
+        assert_eq!(
+            &replay[0].job_frame()[..],
+            b"id: 1\nevent: progress\ndata: {\"id\":\"j\",\"message\":\"\",\"pct\":5}\n\n"
+        );
+        assert_eq!(
+            &replay[0].user_frame()[..],
+            b"id: j:1\nevent: progress\ndata: {\"id\":\"j\",\"message\":\"\",\"pct\":5}\n\n"
+        );
+        // Rendered once: the second look returns the same bytes.
+        assert_eq!(
+            replay[0].job_frame().as_ptr(),
+            replay[0].job_frame().as_ptr()
+        );
+    }
+
+    #[test]
     fn sweep_drops_finished_unwatched_jobs() {
         let hub = Hub::default();
         hub.publish(
