@@ -508,8 +508,8 @@ async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunC
         }
     }
     // The caller clears the batch, which frees the slots.
-    if retrying {
-        state.jobs.notify(&batch[0].row.queue);
+    if retrying && let Some(e) = batch.first() {
+        state.jobs.notify(&e.row.queue);
     }
 }
 
