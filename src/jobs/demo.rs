@@ -120,11 +120,14 @@ async fn run_demo_with_sleep<S: Future<Output = ()>>(
         if cancel.is_cancelled() {
             return Err(DemoError::Canceled);
         }
-        tokio::select! {
-            // Biased: a cancel that is already due wins over a zero-length sleep.
-            biased;
-            _ = cancel.cancelled() => return Err(DemoError::Canceled),
-            () = sleep(step) => {}
+        // No timer for zero-length steps (the cancel check above covers them).
+        if !step.is_zero() {
+            tokio::select! {
+                // Biased: a cancel that is already due wins over the sleep.
+                biased;
+                _ = cancel.cancelled() => return Err(DemoError::Canceled),
+                () = sleep(step) => {}
+            }
         }
         let pct = u8::try_from(u64::from(i) * 100 / u64::from(payload.steps)).unwrap_or(100);
         progress(pct, format!("step {i}/{}", payload.steps));
@@ -324,14 +327,27 @@ mod tests {
         assert_eq!(calls, 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn real_sleep_path_runs_to_completion() {
-        // step_ms 0: exercises tokio's sleep without waiting.
-        let p = payload(json!({"steps": 3, "step_ms": 0}));
+        // tokio's sleep on a paused clock: no waiting.
+        let p = payload(json!({"steps": 3, "step_ms": 5}));
         let mut calls = 0;
         let out = run_demo(&p, 1, CancellationToken::new(), |_, _| calls += 1).await;
         assert_eq!(out.unwrap(), json!({"steps": 3}));
         assert_eq!(calls, 3);
+    }
+
+    #[test]
+    fn zero_length_steps_finish_at_the_first_poll() {
+        use futures_util::FutureExt as _;
+        // No runtime here: a timer would panic, so this also proves none is made.
+        let p = payload(json!({"steps": 3, "step_ms": 0}));
+        let mut seen = Vec::new();
+        let out = run_demo(&p, 1, CancellationToken::new(), |pct, _| seen.push(pct))
+            .now_or_never()
+            .expect("ready at once");
+        assert_eq!(out.unwrap(), json!({"steps": 3}));
+        assert_eq!(seen, vec![33, 66, 100]);
     }
 
     #[tokio::test]

@@ -7,11 +7,14 @@
 //! loses the oldest events (`Lagged`) and the stream resynchronises from the job's current
 //! state, so slow clients cost neither worker time nor unbounded memory.
 //!
-//! Every event is rendered to its SSE frames once, here, at publish ([`JobEvent`]); the
-//! streams only copy references to those bytes, whatever the number of subscribers.
+//! Every event is rendered to its SSE frames at most once ([`JobEvent`]), by the first
+//! stream that sends it; the other streams only copy references to those bytes, whatever
+//! the number of subscribers. Most jobs are never watched: their events only fill the
+//! ring (for a later resume) and are never rendered, and a job's broadcast channel is made
+//! when the first subscriber comes.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -67,26 +70,82 @@ impl JobEventKind {
     pub fn is_terminal(&self) -> bool {
         matches!(self, JobEventKind::Done { .. })
     }
+
+    /// The job the event is about.
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobEventKind::State { id, .. }
+            | JobEventKind::Progress { id, .. }
+            | JobEventKind::Done { id, .. } => id,
+        }
+    }
 }
 
-/// One published event, already in its wire format (see [`super::frame`]).
-#[derive(Debug, Clone)]
+/// One published event; its wire format (see [`super::frame`]) is rendered on first use
+/// and then shared by every stream that sends it.
+#[derive(Debug)]
 pub struct JobEvent {
     /// Per-job sequence number, the SSE event id.
     pub seq: u64,
     /// The job's `done` event: a per-job stream ends after it.
     pub terminal: bool,
+    kind: JobEventKind,
+    /// (frame for `/jobs/{id}/events` (`id: {seq}`), frame for `/events`
+    /// (`id: {job_id}:{seq}`)).
+    frames: OnceLock<(Bytes, Bytes)>,
+}
+
+impl JobEvent {
+    fn new(seq: u64, kind: JobEventKind) -> JobEvent {
+        JobEvent {
+            seq,
+            terminal: kind.is_terminal(),
+            kind,
+            frames: OnceLock::new(),
+        }
+    }
+
     /// The frame for `/jobs/{id}/events` (`id: {seq}`).
-    pub job_frame: Bytes,
+    pub fn job_frame(&self) -> &Bytes {
+        &self.frames().0
+    }
+
     /// The frame for `/events` (`id: {job_id}:{seq}`).
-    pub user_frame: Bytes,
+    pub fn user_frame(&self) -> &Bytes {
+        &self.frames().1
+    }
+
+    fn frames(&self) -> &(Bytes, Bytes) {
+        self.frames.get_or_init(|| {
+            let data = self.kind.data().to_string();
+            frame::render_event(self.kind.job_id(), self.seq, self.kind.name(), &data)
+        })
+    }
 }
 
 struct JobChannel {
-    tx: broadcast::Sender<Arc<JobEvent>>,
+    /// Made by the first subscriber: most jobs never have one.
+    tx: Option<broadcast::Sender<Arc<JobEvent>>>,
     ring: VecDeque<Arc<JobEvent>>,
     next_seq: u64,
     finished: bool,
+}
+
+impl JobChannel {
+    fn new() -> JobChannel {
+        JobChannel {
+            tx: None,
+            ring: VecDeque::new(),
+            next_seq: 1,
+            finished: false,
+        }
+    }
+
+    fn receivers(&self) -> usize {
+        self.tx
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
 }
 
 #[derive(Default)]
@@ -103,38 +162,30 @@ pub struct Hub {
 impl Hub {
     /// Publishes an event of `job_id` (owned by `user_id`) to its subscribers.
     ///
-    /// The data JSON is serialised before taking the lock; only the `id:` line, which needs
-    /// the sequence number, is formatted under it.
+    /// Nothing is rendered here (see [`JobEvent`]); under the lock the event only gets its
+    /// sequence number and goes into the ring and the channels.
     pub fn publish(&self, job_id: &str, user_id: Option<&str>, kind: JobEventKind) {
-        let data = kind.data().to_string();
-        let (name, terminal) = (kind.name(), kind.is_terminal());
+        let terminal = kind.is_terminal();
         let Ok(mut ch) = self.inner.lock() else {
             return;
         };
-        let job = ch
-            .jobs
-            .entry(job_id.to_string())
-            .or_insert_with(|| JobChannel {
-                tx: broadcast::channel(CHANNEL).0,
-                ring: VecDeque::with_capacity(16),
-                next_seq: 1,
-                finished: false,
-            });
-        let seq = job.next_seq;
-        let (job_frame, user_frame) = frame::render_event(job_id, seq, name, &data);
-        let event = Arc::new(JobEvent {
-            seq,
-            terminal,
-            job_frame,
-            user_frame,
-        });
+        let job = match ch.jobs.get_mut(job_id) {
+            Some(job) => job,
+            None => ch
+                .jobs
+                .entry(job_id.to_string())
+                .or_insert_with(JobChannel::new),
+        };
+        let event = Arc::new(JobEvent::new(job.next_seq, kind));
         job.next_seq += 1;
         if job.ring.len() == RING {
             job.ring.pop_front();
         }
         job.ring.push_back(event.clone());
         job.finished = terminal;
-        let _ = job.tx.send(event.clone());
+        if let Some(tx) = &job.tx {
+            let _ = tx.send(event.clone());
+        }
         if let Some(uid) = user_id
             && let Some(tx) = ch.users.get(uid)
             && tx.send(event).is_err()
@@ -157,12 +208,7 @@ impl Hub {
         let job = ch
             .jobs
             .entry(job_id.to_string())
-            .or_insert_with(|| JobChannel {
-                tx: broadcast::channel(CHANNEL).0,
-                ring: VecDeque::new(),
-                next_seq: 1,
-                finished: false,
-            });
+            .or_insert_with(JobChannel::new);
         let replay: Vec<Arc<JobEvent>> = match after_seq {
             Some(after) => job.ring.iter().filter(|e| e.seq > after).cloned().collect(),
             None => Vec::new(),
@@ -173,7 +219,11 @@ impl Hub {
             (Some(_), None) => job.next_seq == 1,
             (None, _) => false,
         };
-        (replay, job.tx.subscribe(), complete)
+        let rx = job
+            .tx
+            .get_or_insert_with(|| broadcast::channel(CHANNEL).0)
+            .subscribe();
+        (replay, rx, complete)
     }
 
     pub fn subscribe_user(&self, user_id: &str) -> broadcast::Receiver<Arc<JobEvent>> {
@@ -199,8 +249,7 @@ impl Hub {
     /// Called periodically; unfinished jobs keep their ring for resume.
     pub fn sweep(&self) {
         if let Ok(mut ch) = self.inner.lock() {
-            ch.jobs
-                .retain(|_, j| !(j.finished && j.tx.receiver_count() == 0));
+            ch.jobs.retain(|_, j| !(j.finished && j.receivers() == 0));
             ch.users.retain(|_, tx| tx.receiver_count() > 0);
         }
     }
@@ -286,11 +335,11 @@ mod tests {
         let e = rx.recv().await.expect("event");
         let data = r#"{"attempt":2,"id":"j","status":"running"}"#;
         assert_eq!(
-            std::str::from_utf8(&e.job_frame).expect("utf-8"),
+            std::str::from_utf8(e.job_frame()).expect("utf-8"),
             format!("id: 1\nevent: state\ndata: {data}\n\n")
         );
         assert_eq!(
-            std::str::from_utf8(&e.user_frame).expect("utf-8"),
+            std::str::from_utf8(e.user_frame()).expect("utf-8"),
             format!("id: j:1\nevent: state\ndata: {data}\n\n")
         );
         assert!(!e.terminal);
@@ -310,8 +359,38 @@ mod tests {
         let done = rx.recv().await.expect("event");
         assert!(done.terminal);
         assert_eq!(
-            std::str::from_utf8(&done.job_frame).expect("utf-8"),
+            std::str::from_utf8(done.job_frame()).expect("utf-8"),
             "id: 2\nevent: done\ndata: {\"error\":null,\"id\":\"j\",\"result\":{\"n\":1},\"status\":\"succeeded\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn an_unwatched_job_gets_no_channel_and_its_events_are_rendered_on_first_use() {
+        let hub = Hub::default();
+        hub.publish("j", Some("u"), progress(5));
+        let no_channel = hub
+            .inner
+            .lock()
+            .map(|ch| ch.jobs.get("j").is_some_and(|j| j.tx.is_none()))
+            .expect("lock");
+        assert!(no_channel, "no broadcast channel before a subscriber");
+        // A resume still finds the event in the ring.
+        let (replay, _rx, complete) = hub.subscribe_job("j", Some(0));
+        assert!(complete);
+        assert_eq!(replay.len(), 1);
+        assert!(replay[0].frames.get().is_none(), "not rendered at publish");
+        assert_eq!(
+            &replay[0].job_frame()[..],
+            b"id: 1\nevent: progress\ndata: {\"id\":\"j\",\"message\":\"\",\"pct\":5}\n\n"
+        );
+        assert_eq!(
+            &replay[0].user_frame()[..],
+            b"id: j:1\nevent: progress\ndata: {\"id\":\"j\",\"message\":\"\",\"pct\":5}\n\n"
+        );
+        // Rendered once: the second look returns the same bytes.
+        assert_eq!(
+            replay[0].job_frame().as_ptr(),
+            replay[0].job_frame().as_ptr()
         );
     }
 

@@ -77,13 +77,16 @@ impl Handler for Demo {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobFailure>> {
         Box::pin(async move {
             let payload = DemoPayload::from_json(&ctx.payload)?;
-            let progress = ctx.progress.clone();
-            Ok(
-                run_demo(&payload, ctx.attempt, ctx.cancel.clone(), |pct, msg| {
-                    progress.report(pct, msg)
-                })
-                .await?,
-            )
+            let JobContext {
+                attempt,
+                cancel,
+                progress,
+                ..
+            } = ctx;
+            Ok(run_demo(&payload, attempt, cancel, |pct, msg| {
+                progress.report(pct, msg)
+            })
+            .await?)
         })
     }
 }

@@ -128,11 +128,6 @@ impl Progress {
             },
         );
     }
-
-    /// Takes the latest unsaved report.
-    fn take_latest(&self) -> Option<(u8, String)> {
-        self.latest.lock().ok().and_then(|mut l| l.take())
-    }
 }
 
 struct Running {

@@ -191,9 +191,30 @@ pub async fn submit(
                 },
             )?;
             q::set_period_usage(c, &user_id, entitlement.period_start, used + 1)?;
-            let row = q::get_job(c, &id)?
-                .ok_or_else(|| StorageError::Corrupt("inserted job vanished".into()))?;
-            Ok(Submitted::Created(row))
+            // The row as inserted (column defaults included), without reading it back.
+            Ok(Submitted::Created(JobRow {
+                id,
+                user_id: Some(user_id),
+                kind,
+                queue: q2,
+                status: "queued".into(),
+                priority,
+                payload,
+                result: None,
+                error: None,
+                attempt: 0,
+                max_attempts,
+                budget: max_attempts,
+                run_at,
+                lease_until: None,
+                cancel_requested: false,
+                progress_pct: 0,
+                progress_msg: None,
+                request_hash: Some(request_hash),
+                created_at: now,
+                started_at: None,
+                finished_at: None,
+            }))
         })
         .await?;
     if let Submitted::Created(row) = &outcome {

@@ -57,7 +57,7 @@ pub fn job_stream(state: AppState, row: JobRow, last_event_id: Option<u64>) -> R
         resync = false;
         for e in replay {
             sent = e.seq;
-            queued.push_back(e.job_frame.clone());
+            queued.push_back(e.job_frame().clone());
             if e.terminal {
                 end_after_queued = true;
                 break;
@@ -304,9 +304,9 @@ impl Cursor {
             Cursor::Job { sent } if e.seq <= *sent => None,
             Cursor::Job { sent } => {
                 *sent = e.seq;
-                Some((&e.job_frame, e.terminal))
+                Some((e.job_frame(), e.terminal))
             }
-            Cursor::User => Some((&e.user_frame, false)),
+            Cursor::User => Some((e.user_frame(), false)),
         }
     }
 }
@@ -522,7 +522,7 @@ mod tests {
         let Next::Chunk(c) = job.next().await else {
             panic!("a chunk")
         };
-        assert_eq!(c.as_ptr(), e.job_frame.as_ptr());
+        assert_eq!(c.as_ptr(), e.job_frame().as_ptr());
     }
 
     #[tokio::test]

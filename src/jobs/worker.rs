@@ -2,11 +2,13 @@
 //! rescuer, and the periodic housekeeping. Everything here is owned by the App's task
 //! tracker and stops on the shutdown token.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::JobEventKind;
@@ -20,6 +22,8 @@ use crate::storage::jobs::{self as q, Finish, JobRow};
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Fallback poll when nothing wakes a dispatcher.
 const POLL: Duration = Duration::from_secs(1);
+/// How often a running attempt's latest progress is saved.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// Starts every background task of the jobs module.
 pub fn start(state: &AppState) {
@@ -65,6 +69,13 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
     };
     let slots = Arc::new(Semaphore::new(concurrency));
     let lease = state.config.jobs.lease;
+    // Attempts hand their outcome to this queue's recorder, which writes the outcomes
+    // that are ready together. It stops once this dispatcher and every attempt are gone.
+    let (ended, ended_rx) = mpsc::unbounded_channel();
+    let st = state.clone();
+    state
+        .tasks
+        .spawn(async move { record_ended(st, ended_rx).await });
     loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -106,9 +117,10 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
             continue;
         }
         permits.truncate(rows.len());
-        for (row, permit) in rows.into_iter().zip(permits) {
-            let cancel = CancellationToken::new();
-            if let Ok(mut running) = jobs.inner.running.lock() {
+        let cancels: Vec<CancellationToken> =
+            rows.iter().map(|_| CancellationToken::new()).collect();
+        if let Ok(mut running) = jobs.inner.running.lock() {
+            for (row, cancel) in rows.iter().zip(&cancels) {
                 running.insert(
                     row.id.clone(),
                     Running {
@@ -116,10 +128,13 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
                     },
                 );
             }
+        }
+        for ((row, permit), cancel) in rows.into_iter().zip(permits).zip(cancels) {
             let st = state.clone();
+            let ended = ended.clone();
             state
                 .tasks
-                .spawn(async move { run_attempt(st, row, cancel, timeout, permit).await });
+                .spawn(async move { run_attempt(st, row, cancel, timeout, permit, ended).await });
         }
     }
 }
@@ -136,19 +151,31 @@ async fn next_wait(state: &AppState, queue: &str) -> Duration {
     }
 }
 
+/// An attempt that ended and waits for its outcome to be recorded. It holds its queue
+/// slot until then, so a queue never runs more than its concurrency, recorded or not.
+struct Ended {
+    row: JobRow,
+    started_at: i64,
+    outcome: Result<Value, JobFailure>,
+    billable: bool,
+    /// The latest progress not yet saved, written with the outcome.
+    progress: Option<(u8, String)>,
+    _slot: OwnedSemaphorePermit,
+}
+
 async fn run_attempt(
     state: AppState,
     row: JobRow,
     cancel: CancellationToken,
     queue_timeout: Duration,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
+    ended: mpsc::UnboundedSender<Ended>,
 ) {
     let jobs = state.jobs.clone();
     let started_at = state.now_millis();
-    let user = row.user_id.clone();
     jobs.hub().publish(
         &row.id,
-        user.as_deref(),
+        row.user_id.as_deref(),
         JobEventKind::State {
             id: row.id.clone(),
             status: "running".into(),
@@ -158,14 +185,9 @@ async fn run_attempt(
     if row.cancel_requested {
         cancel.cancel();
     }
-    let progress = Progress {
-        hub: jobs.hub().clone(),
-        job_id: row.id.clone(),
-        user_id: user.clone(),
-        latest: Default::default(),
-    };
-    let spec = jobs.kind(&row.kind).cloned();
-    let outcome: Result<Value, JobFailure> = match (&spec, serde_json::from_str(&row.payload)) {
+    let latest: Arc<Mutex<Option<(u8, String)>>> = Default::default();
+    let spec = jobs.kind(&row.kind);
+    let outcome: Result<Value, JobFailure> = match (spec, serde_json::from_str(&row.payload)) {
         (None, _) => Err(JobFailure::Permanent(format!(
             "no handler for job kind {:?}",
             row.kind
@@ -178,12 +200,17 @@ async fn run_attempt(
             let ctx = JobContext {
                 state: state.clone(),
                 job_id: row.id.clone(),
-                user_id: user.clone(),
+                user_id: row.user_id.clone(),
                 kind: row.kind.clone(),
                 attempt: row.attempt,
                 payload,
                 cancel: cancel.clone(),
-                progress: progress.clone(),
+                progress: Progress {
+                    hub: jobs.hub().clone(),
+                    job_id: row.id.clone(),
+                    user_id: row.user_id.clone(),
+                    latest: latest.clone(),
+                },
                 timeout,
             };
             run_with_limits(
@@ -192,52 +219,58 @@ async fn run_attempt(
                 &cancel,
                 timeout,
                 &row.id,
-                &progress,
+                &latest,
             )
             .await
         }
     };
-    if let Some((pct, msg)) = progress.take_latest() {
-        // The final progress is saved with the outcome below for successes; keep it for
-        // failures too so the dead-letter queue shows how far the attempt got.
-        let id = row.id.clone();
-        let now = state.now_millis();
-        let _ = state
-            .storage
-            .write(move |c| q::save_progress(c, &id, pct, &msg, now))
-            .await;
-    }
-    finish(
-        &state,
-        &row,
+    let done = Ended {
         started_at,
         outcome,
-        spec.as_ref().is_some_and(|s| s.billable),
-    )
-    .await;
-    if let Ok(mut running) = jobs.inner.running.lock() {
-        running.remove(&row.id);
+        billable: spec.is_some_and(|s| s.billable),
+        // Kept for failures too, so the dead-letter queue shows how far the attempt got.
+        progress: take_latest(&latest),
+        row,
+        _slot: slot,
+    };
+    if let Err(mpsc::error::SendError(done)) = ended.send(done) {
+        // The recorder is gone (it only stops when every sender is): leave the job to the
+        // rescuer rather than heartbeating a lease nobody will end.
+        tracing::error!(job = %done.row.id, "no recorder for the attempt's outcome; the rescuer will re-queue it");
+        if let Ok(mut running) = jobs.inner.running.lock() {
+            running.remove(&done.row.id);
+        }
     }
+}
+
+fn take_latest(latest: &Mutex<Option<(u8, String)>>) -> Option<(u8, String)> {
+    latest.lock().ok().and_then(|mut l| l.take())
 }
 
 /// Runs the handler future under the attempt timeout, persisting progress once a second.
 /// On timeout or cancel the handler is told to stop and given `STOP_GRACE` to do so.
 async fn run_with_limits(
     state: &AppState,
-    fut: futures_util::future::BoxFuture<'static, Result<Value, JobFailure>>,
+    mut fut: futures_util::future::BoxFuture<'static, Result<Value, JobFailure>>,
     cancel: &CancellationToken,
     timeout: Duration,
     job_id: &str,
-    progress: &Progress,
+    latest: &Mutex<Option<(u8, String)>>,
 ) -> Result<Value, JobFailure> {
-    let mut fut = fut;
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Most attempts of small kinds end at their first poll: they need no timers.
+    if let Some(r) = (&mut fut).now_or_never() {
+        return r;
+    }
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(expired);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             r = &mut fut => return r,
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut expired => {
                 cancel.cancel();
                 let _ = tokio::time::timeout(STOP_GRACE, &mut fut).await;
                 return Err(JobFailure::Timeout);
@@ -249,7 +282,7 @@ async fn run_with_limits(
                 };
             }
             _ = tick.tick() => {
-                if let Some((pct, msg)) = progress.take_latest() {
+                if let Some((pct, msg)) = take_latest(latest) {
                     let id = job_id.to_string();
                     let now = state.now_millis();
                     if let Err(e) = state
@@ -265,99 +298,260 @@ async fn run_with_limits(
     }
 }
 
-async fn finish(
-    state: &AppState,
-    row: &JobRow,
+/// The most attempt outcomes recorded in one write.
+const MAX_RECORD_BATCH: usize = 512;
+
+/// A queue's recorder: writes the outcomes of the attempts that ended, all that are ready
+/// in one writer closure, then publishes them and frees their slots. The write is durable
+/// before anyone hears of an outcome or the slot runs another job.
+async fn record_ended(state: AppState, mut rx: mpsc::UnboundedReceiver<Ended>) {
+    let mut counters = RunCounters::default();
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
+        record_batch(&state, &mut batch, &mut counters).await;
+        batch.clear();
+    }
+}
+
+/// What the recorder writes for one attempt.
+struct Record {
+    id: String,
+    attempt: u32,
+    user_id: Option<String>,
     started_at: i64,
-    outcome: Result<Value, JobFailure>,
+    status: &'static str,
+    result: Option<String>,
+    error: Option<String>,
+    retry_at: i64,
+    outcome: &'static str,
+    progress: Option<(u8, String)>,
     billable: bool,
-) {
-    let cfg = &state.config.jobs;
-    let now = state.now_millis();
-    let (status_label, result_text, error_text, retry_at, outcome_label) = match &outcome {
-        Ok(v) => ("succeeded", Some(v.to_string()), None, None, "succeeded"),
-        Err(JobFailure::Canceled) => (
-            "canceled",
-            None,
-            Some("canceled".to_string()),
-            None,
-            "canceled",
-        ),
-        Err(f) => {
-            let label = if matches!(f, JobFailure::Timeout) {
-                "timeout"
-            } else {
-                "retry"
-            };
-            if f.is_retryable() && row.attempt < row.max_attempts {
-                let delay = super::backoff::retry_delay(
-                    row.attempt,
-                    cfg.backoff_base,
-                    cfg.backoff_cap,
-                    &mut rand::thread_rng(),
-                );
-                let at = now + delay.as_millis() as i64;
-                ("retrying", None, Some(f.to_string()), Some(at), label)
-            } else {
-                let label = if matches!(f, JobFailure::Timeout) {
-                    "timeout"
+}
+
+impl Record {
+    /// Decides how the attempt ends (retry with backoff, dead, succeeded, canceled).
+    fn new(state: &AppState, e: &mut Ended, now: i64) -> Record {
+        let cfg = &state.config.jobs;
+        let row = &e.row;
+        let (status, result, error, retry_at, outcome) = match &e.outcome {
+            Ok(v) => ("succeeded", Some(v.to_string()), None, now, "succeeded"),
+            Err(JobFailure::Canceled) => (
+                "canceled",
+                None,
+                Some("canceled".to_string()),
+                now,
+                "canceled",
+            ),
+            Err(f) => {
+                let timeout = matches!(f, JobFailure::Timeout);
+                if f.is_retryable() && row.attempt < row.max_attempts {
+                    let delay = super::backoff::retry_delay(
+                        row.attempt,
+                        cfg.backoff_base,
+                        cfg.backoff_cap,
+                        &mut rand::thread_rng(),
+                    );
+                    let at = now + delay.as_millis() as i64;
+                    let label = if timeout { "timeout" } else { "retry" };
+                    ("retrying", None, Some(f.to_string()), at, label)
                 } else {
-                    "dead"
-                };
-                ("dead", None, Some(f.to_string()), None, label)
+                    let label = if timeout { "timeout" } else { "dead" };
+                    ("dead", None, Some(f.to_string()), now, label)
+                }
             }
+        };
+        Record {
+            id: row.id.clone(),
+            attempt: row.attempt,
+            user_id: row.user_id.clone(),
+            started_at: e.started_at,
+            status,
+            result,
+            error,
+            retry_at,
+            outcome,
+            progress: e.progress.take(),
+            billable: e.billable,
         }
-    };
-    let id = row.id.clone();
-    let attempt = row.attempt;
-    let user_id = row.user_id.clone();
+    }
+
+    /// Records the attempt; false if the job changed meanwhile (rescued, canceled), when
+    /// nothing is written.
+    fn write(
+        &self,
+        c: &rusqlite::Connection,
+        billing: &crate::billing::Billing,
+        now: i64,
+    ) -> Result<bool, StorageError> {
+        let how = match self.status {
+            "succeeded" => Finish::Succeeded {
+                result: self.result.as_deref().unwrap_or("null"),
+            },
+            "canceled" => Finish::Canceled {
+                error: self.error.as_deref(),
+            },
+            "retrying" => Finish::Retry {
+                error: self.error.as_deref().unwrap_or(""),
+                run_at: self.retry_at,
+                outcome: self.outcome,
+            },
+            _ => Finish::Dead {
+                error: self.error.as_deref().unwrap_or(""),
+                outcome: self.outcome,
+            },
+        };
+        let progress = self
+            .progress
+            .as_ref()
+            .map(|(pct, msg)| (*pct, msg.as_str()));
+        let changed = q::finish(
+            c,
+            &self.id,
+            self.attempt,
+            self.started_at,
+            &how,
+            progress,
+            now,
+        )?;
+        if changed
+            && self.status == "succeeded"
+            && self.billable
+            && let Some(uid) = &self.user_id
+        {
+            // Metered plans report usage through the queue, in this same transaction,
+            // so a job counts once if and only if it succeeded.
+            billing.record_usage_in(c, uid, &self.id, now)?;
+        }
+        Ok(changed)
+    }
+}
+
+/// Why a batch of records was not written.
+enum BatchError {
+    /// Record `.0` failed; the batch's changes were rolled back.
+    Record(usize, StorageError),
+    /// The transaction failed (commit, abort, writer gone).
+    Storage(StorageError),
+}
+
+impl From<StorageError> for BatchError {
+    fn from(e: StorageError) -> Self {
+        BatchError::Storage(e)
+    }
+}
+
+async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunCounters) {
+    let now = state.now_millis();
+    let records: Arc<Vec<Record>> = Arc::new(
+        batch
+            .iter_mut()
+            .map(|e| Record::new(state, e, now))
+            .collect(),
+    );
+    let recs = records.clone();
     let billing = state.billing.clone();
     let written = state
         .storage
         .write(move |c| {
-            let how = match status_label {
-                "succeeded" => Finish::Succeeded {
-                    result: result_text.as_deref().unwrap_or("null"),
-                },
-                "canceled" => Finish::Canceled {
-                    error: error_text.as_deref(),
-                },
-                "retrying" => Finish::Retry {
-                    error: error_text.as_deref().unwrap_or(""),
-                    run_at: retry_at.unwrap_or(now),
-                    outcome: outcome_label,
-                },
-                _ => Finish::Dead {
-                    error: error_text.as_deref().unwrap_or(""),
-                    outcome: outcome_label,
-                },
-            };
-            let row = q::finish(c, &id, attempt, started_at, &how, now)?;
-            if row.is_some()
-                && status_label == "succeeded"
-                && billable
-                && let Some(uid) = &user_id
-            {
-                // Metered plans report usage through the queue, in this same transaction,
-                // so a job counts once if and only if it succeeded.
-                billing.record_usage_in(c, uid, &id, now)?;
-            }
-            Ok::<_, StorageError>(row)
+            recs.iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.write(c, &billing, now)
+                        .map_err(|e| BatchError::Record(i, e))
+                })
+                .collect::<Result<Vec<bool>, BatchError>>()
         })
         .await;
-    let kind = row.kind.clone();
-    metrics::counter!("job_runs_total", "kind" => kind, "outcome" => outcome_label).increment(1);
-    match written {
-        Ok(Some(done)) => publish_outcome(state, &done),
-        Ok(None) => {
-            tracing::info!(job = %row.id, "attempt result discarded: the job changed meanwhile");
+    let changed: Vec<Result<bool, StorageError>> = match written {
+        Ok(changed) => changed.into_iter().map(Ok).collect(),
+        Err(BatchError::Record(_, e)) if records.len() == 1 => vec![Err(e)],
+        Err(BatchError::Record(i, e)) => {
+            // One job's write failed and rolled the batch back: write each again on its
+            // own (the writer gives every closure its own savepoint), so that job fails
+            // alone. The closures still share one commit.
+            tracing::warn!(job = %records[i].id, error = %e, "recording a batch of attempts failed at one job; recording them one by one");
+            let billing = &state.billing;
+            futures_util::future::join_all((0..records.len()).map(|i| {
+                let recs = records.clone();
+                let billing = billing.clone();
+                state
+                    .storage
+                    .write(move |c| recs[i].write(c, &billing, now))
+            }))
+            .await
         }
-        Err(e) => {
-            tracing::error!(job = %row.id, error = %e, "recording the attempt failed; the lease will expire and the rescuer re-queues it")
+        Err(BatchError::Storage(e)) => records.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut retrying = false;
+    for ((e, r), changed) in batch.iter_mut().zip(records.iter()).zip(changed) {
+        counters.get(&e.row.kind, r.outcome).increment(1);
+        match changed {
+            Ok(true) => {
+                retrying |= r.status == "retrying";
+                let result = match &mut e.outcome {
+                    Ok(v) => Some(std::mem::take(v)),
+                    Err(_) => None,
+                };
+                publish_ended(state, r, result);
+            }
+            Ok(false) => {
+                tracing::info!(job = %r.id, "attempt result discarded: the job changed meanwhile");
+            }
+            Err(err) => {
+                tracing::error!(job = %r.id, error = %err, "recording the attempt failed; the lease will expire and the rescuer re-queues it")
+            }
         }
     }
-    if status_label == "retrying" {
-        state.jobs.notify(&row.queue);
+    if let Ok(mut running) = state.jobs.inner.running.lock() {
+        for r in records.iter() {
+            running.remove(&r.id);
+        }
+    }
+    // The caller clears the batch, which frees the slots.
+    if retrying && let Some(e) = batch.first() {
+        state.jobs.notify(&e.row.queue);
+    }
+}
+
+/// `job_runs_total` handles by outcome and kind, so counting a run neither allocates
+/// labels nor looks the series up in the registry.
+#[derive(Default)]
+struct RunCounters(HashMap<&'static str, HashMap<String, metrics::Counter>>);
+
+impl RunCounters {
+    fn get(&mut self, kind: &str, outcome: &'static str) -> &metrics::Counter {
+        let by_kind = self.0.entry(outcome).or_default();
+        if !by_kind.contains_key(kind) {
+            let c = metrics::counter!("job_runs_total", "kind" => kind.to_string(), "outcome" => outcome);
+            by_kind.insert(kind.to_string(), c);
+        }
+        &by_kind[kind]
+    }
+}
+
+/// Publishes the recorded end of an attempt: its state and, if final, the `done` event.
+fn publish_ended(state: &AppState, r: &Record, result: Option<Value>) {
+    let hub = state.jobs.hub();
+    hub.publish(
+        &r.id,
+        r.user_id.as_deref(),
+        JobEventKind::State {
+            id: r.id.clone(),
+            status: r.status.to_string(),
+            attempt: r.attempt,
+        },
+    );
+    if r.status != "retrying" {
+        hub.publish(
+            &r.id,
+            r.user_id.as_deref(),
+            JobEventKind::Done {
+                id: r.id.clone(),
+                status: r.status.to_string(),
+                result,
+                error: r.error.clone(),
+            },
+        );
     }
 }
 

@@ -297,16 +297,18 @@ impl<'a> Finish<'a> {
     }
 }
 
-/// Records the end of attempt `attempt`. Fenced by (status running, attempt): if the job
-/// was rescued or canceled meanwhile, nothing changes and `Ok(None)` is returned.
+/// Records the end of attempt `attempt`, with the attempt's latest unsaved progress if
+/// any (a success always ends at 100%). Fenced by (status running, attempt): if the job
+/// was rescued or canceled meanwhile, nothing changes and `Ok(false)` is returned.
 pub fn finish(
     conn: &Connection,
     id: &str,
     attempt: u32,
     started_at: Millis,
     how: &Finish<'_>,
+    progress: Option<(u8, &str)>,
     now: Millis,
-) -> Result<Option<JobRow>, StorageError> {
+) -> Result<bool, StorageError> {
     let Columns {
         status,
         result,
@@ -316,26 +318,24 @@ pub fn finish(
         pct,
     } = how.columns();
     let terminal = status != "retrying";
-    let row = conn
-        .prepare_cached(&format!(
+    let pct = pct.or(progress.map(|(p, _)| i64::from(p)));
+    let msg = progress.map(|(_, m)| m);
+    let changed =
+        conn.prepare_cached(
             "UPDATE jobs SET status = ?3, result = ?4, error = ?5,
                     run_at = COALESCE(?6, run_at), lease_until = NULL, worker = NULL,
                     finished_at = CASE WHEN ?7 THEN ?8 ELSE NULL END,
-                    progress_pct = COALESCE(?9, progress_pct), updated_at = ?8
-             WHERE id = ?1 AND attempt = ?2 AND status = 'running'
-             RETURNING {JOB_COLS}"
-        ))?
-        .query_row(
-            params![
-                id, attempt, status, result, error, run_at, terminal, now, pct
-            ],
-            job_from_row,
-        )
-        .optional()?;
-    if row.is_some() {
+                    progress_pct = COALESCE(?9, progress_pct),
+                    progress_msg = COALESCE(?10, progress_msg), updated_at = ?8
+             WHERE id = ?1 AND attempt = ?2 AND status = 'running'",
+        )?
+        .execute(params![
+            id, attempt, status, result, error, run_at, terminal, now, pct, msg
+        ])? == 1;
+    if changed {
         record_attempt(conn, id, attempt, started_at, now, outcome, error)?;
     }
-    Ok(row)
+    Ok(changed)
 }
 
 fn record_attempt(

@@ -928,6 +928,158 @@ fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
     server.kill9();
 }
 
+#[tokio::test]
+async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it() {
+    let (app, user) = start().await;
+    // Recording the success of the `steps: 7` job fails inside SQLite; the others' do not.
+    app.state()
+        .storage
+        .write(|c| {
+            c.execute_batch(
+                "CREATE TRIGGER fail_one_finish BEFORE UPDATE OF status ON jobs
+                 WHEN NEW.status = 'succeeded' AND json_extract(OLD.payload, '$.steps') = 7
+                 BEGIN SELECT RAISE(ABORT, 'injected finish failure'); END;",
+            )?;
+            Ok::<_, warpbase::storage::StorageError>(())
+        })
+        .await
+        .expect("trigger");
+    // Parked until the same moment, so one claim takes them all and their outcomes are
+    // ready together (the fast queue runs 8 at once).
+    let at = (time::OffsetDateTime::now_utc() + Duration::from_millis(700))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("time");
+    let mut good = Vec::new();
+    let mut bad = String::new();
+    for steps in [1, 2, 3, 7, 4, 5, 6, 1] {
+        let j = submit(
+            &app,
+            &user,
+            json!({"kind": "demo", "payload": {"steps": steps, "step_ms": 0}, "run_at": at}),
+        )
+        .await;
+        let id = j["id"].as_str().expect("id").to_string();
+        if steps == 7 {
+            bad = id;
+        } else {
+            good.push(id);
+        }
+    }
+    for id in &good {
+        wait_status(&app, &user, id, "succeeded").await;
+        let h: Value = app
+            .get(
+                &format!("/api/v1/jobs/{id}/attempts"),
+                Some(&user.access_token),
+            )
+            .await
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(h["items"].as_array().map(Vec::len), Some(1), "{h}");
+        assert_eq!(h["items"][0]["outcome"], "succeeded", "{h}");
+    }
+    // Its outcome was not recorded: still running (the lease and the rescuer take it from
+    // here), with no attempt in its history.
+    let j = job(&app, &user, &bad).await;
+    assert_eq!(j["status"], "running", "{j}");
+    let h: Value = app
+        .get(
+            &format!("/api/v1/jobs/{bad}/attempts"),
+            Some(&user.access_token),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(h["items"].as_array().map(Vec::len), Some(0), "{h}");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_submit_answer_is_the_stored_job() {
+    let (app, user) = start().await;
+    let at = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("time");
+    let posted = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 2, "step_ms": 5}, "run_at": at,
+               "priority": 3, "max_attempts": 2}),
+    )
+    .await;
+    let stored = job(&app, &user, posted["id"].as_str().expect("id")).await;
+    assert_eq!(posted, stored);
+    app.shutdown().await;
+}
+
+#[test]
+fn outcomes_announced_before_a_kill_9_are_all_still_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("warpbase.toml"),
+        "[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
+         limits = { jobs_per_period = 1000, concurrent_jobs = 1000, max_upload_bytes = 1024 }\n",
+    )
+    .expect("config");
+    let first = ChildServer::start(dir.path(), &[], &[]);
+    assert!(first.terminate(Duration::from_secs(15)).success());
+    let token = seed_user(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let client = reqwest::Client::new();
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    let announced: Vec<String> = rt.block_on(async {
+        let resp = client
+            .get(server.url("/api/v1/events"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("sse");
+        let mut sse = SseReader::new(resp);
+        for _ in 0..60 {
+            let r = client
+                .post(server.url("/api/v1/jobs"))
+                .bearer_auth(&token)
+                .json(&json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0}}))
+                .send()
+                .await
+                .expect("submit");
+            assert_eq!(r.status(), 202);
+        }
+        // The `done` event goes out only after the outcome is durable: kill as soon as
+        // enough have been announced, while later ones are still being recorded.
+        let mut done = Vec::new();
+        while done.len() < 40 {
+            let ev = sse.next(T).await.expect("event");
+            if ev.event == "done" {
+                assert_eq!(ev.data["status"], "succeeded", "{:?}", ev.data);
+                done.push(ev.data["id"].as_str().expect("id").to_string());
+            }
+        }
+        done
+    });
+    server.kill9();
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    rt.block_on(async {
+        for id in &announced {
+            let j: Value = client
+                .get(server.url(&format!("/api/v1/jobs/{id}")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+            assert_eq!(j["status"], "succeeded", "announced, then lost: {j}");
+            assert_eq!(j["progress"]["pct"], 100, "{j}");
+            assert_eq!(j["progress"]["message"], "step 1/1", "{j}");
+        }
+    });
+    server.kill9();
+}
+
 fn tar_gz(files: &[(&str, &str)]) -> Vec<u8> {
     let enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     let mut tar = tar::Builder::new(enc);
