@@ -36,6 +36,9 @@ pub use state::AppState;
 use clock::{SharedClock, SystemClock};
 use storage::Storage;
 
+/// How long shutdown waits for the write that gives unfinished jobs back.
+const RELEASE_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What tests (or embedders) may change about how the App is built.
 #[derive(Clone, Default)]
 pub struct AppOptions {
@@ -226,6 +229,16 @@ impl App {
             .is_err()
         {
             tracing::warn!("background tasks still running after the grace period");
+            // Attempts that did not finish in time go back to the queue without spending
+            // an attempt; their late outcomes are fenced off by (status, attempt).
+            if tokio::time::timeout(RELEASE_LIMIT, jobs::worker::release_running(&state))
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    "giving back unfinished jobs timed out; the next start recovers them"
+                );
+            }
         }
         state
             .storage

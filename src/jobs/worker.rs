@@ -746,14 +746,21 @@ pub async fn release_running(state: &AppState) {
     if ids.is_empty() {
         return;
     }
-    for id in &ids {
-        state.jobs.signal_cancel(id);
-    }
     let now = state.now_millis();
-    match state.storage.write(move |c| q::release(c, &ids, now)).await {
+    let released = ids.clone();
+    match state
+        .storage
+        .write(move |c| q::release(c, &released, now))
+        .await
+    {
         Ok(n) => tracing::warn!(jobs = n, "released unfinished jobs back to the queue"),
         Err(e) => {
             tracing::error!(error = %e, "releasing unfinished jobs failed; they will be recovered at next start")
         }
+    }
+    // Only now tell the handlers to stop: an outcome recorded before the release (a
+    // `canceled` from this very signal) would otherwise end the job instead of returning it.
+    for id in &ids {
+        state.jobs.signal_cancel(id);
     }
 }

@@ -928,6 +928,65 @@ fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
     server.kill9();
 }
 
+#[test]
+fn sigterm_gives_unfinished_jobs_back_without_spending_an_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("warpbase.toml"),
+        "shutdown_grace = \"1s\"\n[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
+         limits = { jobs_per_period = 1000, concurrent_jobs = 100, max_upload_bytes = 1024 }\n",
+    )
+    .expect("config");
+    let first = ChildServer::start(dir.path(), &[], &[]);
+    assert!(first.terminate(Duration::from_secs(15)).success());
+    let token = seed_user(dir.path());
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let client = reqwest::Client::new();
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    let id = rt.block_on(async {
+        // Far longer than the 1 s grace.
+        let r = client
+            .post(server.url("/api/v1/jobs"))
+            .bearer_auth(&token)
+            .json(&json!({"kind": "demo", "payload": {"steps": 100, "step_ms": 1000}}))
+            .send()
+            .await
+            .expect("submit");
+        assert_eq!(r.status(), 202);
+        let id = r.json::<Value>().await.expect("json")["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        eventually(T, "the job runs", || async {
+            let j: Value = client
+                .get(server.url(&format!("/api/v1/jobs/{id}")))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (j["status"] == "running").then_some(())
+        })
+        .await;
+        id
+    });
+    let status = server.terminate(Duration::from_secs(15));
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    let db = rusqlite::Connection::open(dir.path().join("warpbase.db")).expect("db");
+    let (status, attempt, lease): (String, i64, Option<i64>) = db
+        .query_row(
+            "SELECT status, attempt, lease_until FROM jobs WHERE id = ?1",
+            [&id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("job row");
+    assert_eq!(status, "queued", "given back to the queue");
+    assert_eq!(attempt, 0, "the interrupted attempt is not counted");
+    assert_eq!(lease, None);
+}
+
 #[tokio::test]
 async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it() {
     let (app, user) = start().await;
