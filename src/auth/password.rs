@@ -311,28 +311,23 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_account_takes_about_as_long_as_a_wrong_password() {
+        // Argon2's cost depends only on its algorithm, version and parameters, so the
+        // unknown-account path costs what a real verification costs exactly when the
+        // dummy hash it verifies against has the same ones as real hashes. Checked
+        // structurally: a wall-clock comparison flakes on a loaded machine.
         let h = PasswordHasher::with_permits(1);
-        let phc = h.hash("the real password".into()).await.unwrap();
-        // Warm up both paths, then take the best of a few runs to damp scheduler noise.
-        let mut wrong = Duration::MAX;
-        let mut unknown = Duration::MAX;
-        for _ in 0..3 {
-            let t = Instant::now();
-            assert!(
-                !h.verify("a wrong password".into(), Some(phc.clone()))
-                    .await
-                    .unwrap()
-            );
-            wrong = wrong.min(t.elapsed());
-            let t = Instant::now();
-            assert!(!h.verify("a wrong password".into(), None).await.unwrap());
-            unknown = unknown.min(t.elapsed());
-        }
-        let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
-        assert!(
-            (1.0 / 3.0..3.0).contains(&ratio),
-            "unknown {unknown:?} vs wrong {wrong:?}"
+        let real = h.hash("the real password".into()).await.unwrap();
+        let real = PasswordHash::new(&real).unwrap();
+        let dummy = PasswordHash::new(&h.inner.dummy_phc).unwrap();
+        assert_eq!(dummy.algorithm, real.algorithm);
+        assert_eq!(dummy.version, real.version);
+        assert_eq!(
+            Params::try_from(&dummy).unwrap(),
+            Params::try_from(&real).unwrap()
         );
+        assert_eq!(dummy.hash.map(|o| o.len()), real.hash.map(|o| o.len()));
+        assert!(!h.verify("a wrong password".into(), None).await.unwrap());
+        assert!(!h.verify("the real password".into(), None).await.unwrap());
     }
 
     #[tokio::test]
