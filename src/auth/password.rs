@@ -273,7 +273,6 @@ pub fn normalize_email(input: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, Instant};
 
     #[tokio::test]
     async fn hash_then_verify() {
