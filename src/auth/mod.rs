@@ -162,6 +162,30 @@ pub struct Profile {
     pub created_at: i64,
     /// (provider, email at the provider)
     pub identities: Vec<(String, Option<String>)>,
+    /// The fields above as the API's `User` object renders them, `{"id":…,"identities":[…]}`,
+    /// rendered once per load: `/me` writes it and appends only the plan.
+    pub json: Box<str>,
+}
+
+/// The `User` fields a profile determines, in the API's order (`UserView` renders the
+/// same keys; a test checks the two agree byte for byte).
+#[derive(serde::Serialize)]
+struct ProfileJson<'a> {
+    id: &'a str,
+    email: &'a str,
+    email_verified: bool,
+    name: Option<&'a str>,
+    role: &'a str,
+    disabled: bool,
+    #[serde(with = "crate::clock::serde_ms")]
+    created_at: i64,
+    identities: Vec<IdentityJson<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct IdentityJson<'a> {
+    provider: &'a str,
+    email: Option<&'a str>,
 }
 
 impl Profile {
@@ -169,6 +193,28 @@ impl Profile {
         row: &users::UserRow,
         identities: Vec<crate::storage::auth::IdentityRow>,
     ) -> Profile {
+        let identities: Vec<(String, Option<String>)> = identities
+            .into_iter()
+            .map(|i| (i.provider, i.email))
+            .collect();
+        let json = serde_json::to_string(&ProfileJson {
+            id: &row.id,
+            email: &row.email,
+            email_verified: row.email_verified,
+            name: row.name.as_deref(),
+            role: &row.role,
+            disabled: row.disabled,
+            created_at: row.created_at,
+            identities: identities
+                .iter()
+                .map(|(provider, email)| IdentityJson {
+                    provider,
+                    email: email.as_deref(),
+                })
+                .collect(),
+        })
+        // Plain strings, bools and integers always serialise.
+        .unwrap_or_else(|_| "{}".into());
         Profile {
             id: row.id.clone(),
             email: row.email.clone(),
@@ -177,11 +223,28 @@ impl Profile {
             role: row.role.clone(),
             disabled: row.disabled,
             created_at: row.created_at,
-            identities: identities
-                .into_iter()
-                .map(|i| (i.provider, i.email))
-                .collect(),
+            identities,
+            json: json.into(),
         }
+    }
+
+    /// The API's `User` object for this profile and `plan`: the pre-rendered fields with
+    /// `"plan"` appended (what serialising [`routes::UserView`] gives, without re-rendering
+    /// every field per request).
+    pub fn user_json(&self, plan: &crate::billing::Entitlement) -> Vec<u8> {
+        let fields = self.json.strip_suffix('}').unwrap_or(&self.json);
+        let mut out = Vec::with_capacity(fields.len() + 512);
+        out.extend_from_slice(fields.as_bytes());
+        out.extend_from_slice(if fields.len() > 1 {
+            b",\"plan\":"
+        } else {
+            b"\"plan\":"
+        });
+        if serde_json::to_writer(&mut out, plan).is_err() {
+            out.extend_from_slice(b"null");
+        }
+        out.push(b'}');
+        out
     }
 }
 
