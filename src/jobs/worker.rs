@@ -531,54 +531,63 @@ impl RunCounters {
 
 /// Publishes the recorded end of an attempt: its state and, if final, the `done` event.
 fn publish_ended(state: &AppState, r: &Record, result: Option<Value>) {
-    let hub = state.jobs.hub();
-    hub.publish(
+    publish_state(
+        state,
         &r.id,
         r.user_id.as_deref(),
-        JobEventKind::State {
-            id: r.id.clone(),
-            status: r.status.to_string(),
-            attempt: r.attempt,
-        },
+        r.status,
+        r.attempt,
+        result,
+        r.error.clone(),
     );
-    if r.status != "retrying" {
-        hub.publish(
-            &r.id,
-            r.user_id.as_deref(),
-            JobEventKind::Done {
-                id: r.id.clone(),
-                status: r.status.to_string(),
-                result,
-                error: r.error.clone(),
-            },
-        );
-    }
 }
 
 /// Publishes the state (and, if final, the `done` event) of a job row.
 pub fn publish_outcome(state: &AppState, row: &JobRow) {
-    let hub = state.jobs.hub();
-    hub.publish(
+    let result = row
+        .result
+        .as_deref()
+        .and_then(|r| serde_json::from_str(r).ok());
+    publish_state(
+        state,
         &row.id,
         row.user_id.as_deref(),
+        &row.status,
+        row.attempt,
+        result,
+        row.error.clone(),
+    );
+}
+
+/// A job's new state event and, when the state is final, its `done` event.
+fn publish_state(
+    state: &AppState,
+    id: &str,
+    user_id: Option<&str>,
+    status: &str,
+    attempt: u32,
+    result: Option<Value>,
+    error: Option<String>,
+) {
+    let hub = state.jobs.hub();
+    hub.publish(
+        id,
+        user_id,
         JobEventKind::State {
-            id: row.id.clone(),
-            status: row.status.clone(),
-            attempt: row.attempt,
+            id: id.to_string(),
+            status: status.to_string(),
+            attempt,
         },
     );
-    if matches!(row.status.as_str(), "succeeded" | "dead" | "canceled") {
+    if matches!(status, "succeeded" | "dead" | "canceled") {
         hub.publish(
-            &row.id,
-            row.user_id.as_deref(),
+            id,
+            user_id,
             JobEventKind::Done {
-                id: row.id.clone(),
-                status: row.status.clone(),
-                result: row
-                    .result
-                    .as_deref()
-                    .and_then(|r| serde_json::from_str(r).ok()),
-                error: row.error.clone(),
+                id: id.to_string(),
+                status: status.to_string(),
+                result,
+                error,
             },
         );
     }

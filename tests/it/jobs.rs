@@ -824,22 +824,27 @@ fn seed_user(data_dir: &std::path::Path) -> String {
     })
 }
 
-#[test]
-fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
+/// A child server on a fresh data dir with `config` as its `warpbase.toml`, and a token
+/// of a user seeded into it (a first start creates the secrets the token is signed with).
+fn child_with_user(config: &str) -> (tempfile::TempDir, ChildServer, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     // The child runs in its data dir and reads ./warpbase.toml from there.
-    std::fs::write(
-        dir.path().join("warpbase.toml"),
-        "[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
-         limits = { jobs_per_period = 1000, concurrent_jobs = 100, max_upload_bytes = 1024 }\n",
-    )
-    .expect("config");
+    std::fs::write(dir.path().join("warpbase.toml"), config).expect("config");
     let first = ChildServer::start(dir.path(), &[], &[]);
     assert!(first.terminate(Duration::from_secs(15)).success());
     let token = seed_user(dir.path());
+    let server = ChildServer::start(dir.path(), &[], &[]);
+    (dir, server, token)
+}
+
+#[test]
+fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
+    let (dir, server, token) = child_with_user(
+        "[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
+         limits = { jobs_per_period = 1000, concurrent_jobs = 100, max_upload_bytes = 1024 }\n",
+    );
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let client = reqwest::Client::new();
-    let server = ChildServer::start(dir.path(), &[], &[]);
     let ids: Vec<String> = rt.block_on(async {
         let mut ids = Vec::new();
         for _ in 0..12 {
@@ -930,19 +935,12 @@ fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
 
 #[test]
 fn sigterm_gives_unfinished_jobs_back_without_spending_an_attempt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("warpbase.toml"),
+    let (dir, server, token) = child_with_user(
         "shutdown_grace = \"1s\"\n[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
          limits = { jobs_per_period = 1000, concurrent_jobs = 100, max_upload_bytes = 1024 }\n",
-    )
-    .expect("config");
-    let first = ChildServer::start(dir.path(), &[], &[]);
-    assert!(first.terminate(Duration::from_secs(15)).success());
-    let token = seed_user(dir.path());
+    );
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let client = reqwest::Client::new();
-    let server = ChildServer::start(dir.path(), &[], &[]);
     let id = rt.block_on(async {
         // Far longer than the 1 s grace.
         let r = client
@@ -1075,19 +1073,12 @@ async fn the_submit_answer_is_the_stored_job() {
 
 #[test]
 fn outcomes_announced_before_a_kill_9_are_all_still_there() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(
-        dir.path().join("warpbase.toml"),
+    let (dir, server, token) = child_with_user(
         "[[billing.plans]]\nid = \"free\"\nname = \"Free\"\n\
          limits = { jobs_per_period = 1000, concurrent_jobs = 1000, max_upload_bytes = 1024 }\n",
-    )
-    .expect("config");
-    let first = ChildServer::start(dir.path(), &[], &[]);
-    assert!(first.terminate(Duration::from_secs(15)).success());
-    let token = seed_user(dir.path());
+    );
     let rt = tokio::runtime::Runtime::new().expect("rt");
     let client = reqwest::Client::new();
-    let server = ChildServer::start(dir.path(), &[], &[]);
     let announced: Vec<String> = rt.block_on(async {
         let resp = client
             .get(server.url("/api/v1/events"))
