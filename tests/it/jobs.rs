@@ -837,6 +837,19 @@ fn child_with_user(config: &str) -> (tempfile::TempDir, ChildServer, String) {
     (dir, server, token)
 }
 
+/// `GET /api/v1/jobs/{id}` on a child server.
+async fn child_job(client: &reqwest::Client, server: &ChildServer, token: &str, id: &str) -> Value {
+    client
+        .get(server.url(&format!("/api/v1/jobs/{id}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
 #[test]
 fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
     let (dir, server, token) = child_with_user(
@@ -890,15 +903,7 @@ fn kill_9_while_jobs_run_loses_nothing_and_runs_each_to_success_once() {
         loop {
             let mut all = true;
             for id in &ids {
-                let j: Value = client
-                    .get(server.url(&format!("/api/v1/jobs/{id}")))
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .expect("get")
-                    .json()
-                    .await
-                    .expect("json");
+                let j = child_job(&client, &server, &token, id).await;
                 assert_ne!(j["status"], "dead", "{j}");
                 all &= j["status"] == "succeeded";
             }
@@ -956,15 +961,7 @@ fn sigterm_gives_unfinished_jobs_back_without_spending_an_attempt() {
             .expect("id")
             .to_string();
         eventually(T, "the job runs", || async {
-            let j: Value = client
-                .get(server.url(&format!("/api/v1/jobs/{id}")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let j = child_job(&client, &server, &token, &id).await;
             (j["status"] == "running").then_some(())
         })
         .await;
@@ -1113,15 +1110,7 @@ fn outcomes_announced_before_a_kill_9_are_all_still_there() {
     let server = ChildServer::start(dir.path(), &[], &[]);
     rt.block_on(async {
         for id in &announced {
-            let j: Value = client
-                .get(server.url(&format!("/api/v1/jobs/{id}")))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .expect("get")
-                .json()
-                .await
-                .expect("json");
+            let j = child_job(&client, &server, &token, id).await;
             assert_eq!(j["status"], "succeeded", "announced, then lost: {j}");
             assert_eq!(j["progress"]["pct"], 100, "{j}");
             assert_eq!(j["progress"]["message"], "step 1/1", "{j}");
