@@ -357,6 +357,11 @@ impl Billing {
         job_id: &str,
         now: i64,
     ) -> Result<(), StorageError> {
+        // Only a metered plan reports usage: with none configured (the common case) there
+        // is nothing to read, and this runs in the writer for every finished job.
+        if !self.inner.plans.iter().any(|p| p.metered) {
+            return Ok(());
+        }
         let state = parse_state(sb::load_state(conn, user_id)?.as_deref());
         let ent = self.entitlement_from(&state, now);
         if !ent.metered {
