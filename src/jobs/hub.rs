@@ -270,10 +270,11 @@ impl Hub {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn progress(pct: u8) -> JobEventKind {
+    /// A progress event of job `j` (also used by the SSE tests).
+    pub(crate) fn progress(pct: u8) -> JobEventKind {
         JobEventKind::Progress {
             id: "j".into(),
             pct,

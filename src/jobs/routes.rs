@@ -22,7 +22,7 @@ use crate::auth::{AdminUser, AuthError, AuthUser, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
-use crate::storage::jobs::{self as q, UploadRow};
+use crate::storage::jobs::{self as q, STATUSES, UploadRow};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -89,15 +89,6 @@ struct ListQuery {
     #[serde(default)]
     all: bool,
 }
-
-const STATUSES: [&str; 6] = [
-    "queued",
-    "running",
-    "retrying",
-    "succeeded",
-    "dead",
-    "canceled",
-];
 
 #[utoipa::path(get, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),
     params(ListQuery),

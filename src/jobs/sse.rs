@@ -460,14 +460,7 @@ impl Live {
 mod tests {
     use super::*;
     use crate::jobs::hub::Hub;
-
-    fn progress(pct: u8) -> JobEventKind {
-        JobEventKind::Progress {
-            id: "j".into(),
-            pct,
-            message: String::new(),
-        }
-    }
+    use crate::jobs::hub::tests::progress;
 
     fn done() -> JobEventKind {
         JobEventKind::Done {

@@ -21,6 +21,16 @@ pub struct NewJob<'a> {
     pub now: Millis,
 }
 
+/// Every status a job can have (the `status` column's values).
+pub const STATUSES: [&str; 6] = [
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "dead",
+    "canceled",
+];
+
 /// Inserts a queued job. Use inside the same write as the change that caused it, so the
 /// job exists if and only if that change committed.
 pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> Result<(), StorageError> {
@@ -710,14 +720,7 @@ mod tests {
     #[test]
     fn the_active_counter_follows_every_insert_status_change_and_delete() {
         let c = db_with_user();
-        let statuses = [
-            "queued",
-            "running",
-            "retrying",
-            "succeeded",
-            "dead",
-            "canceled",
-        ];
+        let statuses = STATUSES;
         // A deterministic walk over many transitions, checked after every step.
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
