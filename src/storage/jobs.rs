@@ -543,13 +543,31 @@ pub struct ListFilter<'a> {
 }
 
 /// Newest first; ids are time-ordered so `before_id` is a stable cursor.
+///
+/// The WHERE clause names only the filters given, so SQLite can walk the index that
+/// serves them in id order: `jobs_user` for one user's jobs, `jobs_dead` for the
+/// dead-letter queue, the primary key otherwise. (`?n IS NULL OR col = ?n` would read
+/// every row, as plans do not depend on bound values.)
 pub fn list(conn: &Connection, f: &ListFilter<'_>) -> Result<Vec<JobRow>, StorageError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {JOB_COLS} FROM jobs
-         WHERE (?1 IS NULL OR user_id = ?1) AND (?2 IS NULL OR status = ?2)
-           AND (?3 IS NULL OR kind = ?3) AND (?4 IS NULL OR id < ?4)
-         ORDER BY id DESC LIMIT ?5"
-    ))?;
+    let mut sql = format!("SELECT {JOB_COLS} FROM jobs WHERE 1");
+    if f.user_id.is_some() {
+        sql.push_str(" AND user_id = ?1");
+    }
+    match f.status {
+        // A literal, so the partial index `jobs_dead` (WHERE status = 'dead') applies.
+        Some("dead") => sql.push_str(" AND status = 'dead'"),
+        Some(_) => sql.push_str(" AND status = ?2"),
+        None => {}
+    }
+    if f.kind.is_some() {
+        sql.push_str(" AND kind = ?3");
+    }
+    if f.before_id.is_some() {
+        sql.push_str(" AND id < ?4");
+    }
+    // Every variant names ?5, so all five values can be bound whichever appear.
+    sql.push_str(" ORDER BY id DESC LIMIT ?5");
+    let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt
         .query_map(
             params![f.user_id, f.status, f.kind, f.before_id, f.limit],
@@ -577,10 +595,12 @@ pub fn purge_finished(
     before: Millis,
     limit: u32,
 ) -> Result<usize, StorageError> {
+    // `finished_at` is set exactly when a job ends; the status test is a second guard.
     Ok(conn.execute(
         "DELETE FROM jobs WHERE id IN (
-             SELECT id FROM jobs WHERE status IN ('succeeded', 'canceled', 'dead')
-               AND finished_at < ?1 LIMIT ?2)",
+             SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?1
+               AND (status = 'succeeded' OR status = 'canceled' OR status = 'dead')
+             LIMIT ?2)",
         params![before, limit],
     )?)
 }
@@ -793,5 +813,158 @@ mod tests {
         }
         migrate::apply(&mut c).expect("upgrade");
         assert_eq!(count_active(&c, "u1").expect("active"), 3);
+    }
+    fn plan(c: &Connection, sql: &str) -> String {
+        let rows: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .and_then(|mut s| s.query_map([], |r| r.get::<_, String>(3))?.collect())
+            .expect("plan");
+        rows.join(" | ")
+    }
+
+    #[test]
+    fn listing_claiming_and_purging_walk_their_indexes() {
+        let c = db_with_user();
+        let list_sql = |user: bool, status: Option<&str>| {
+            let mut sql = String::from("SELECT id FROM jobs WHERE 1");
+            if user {
+                sql.push_str(" AND user_id = 'u1'");
+            }
+            match status {
+                Some("dead") => sql.push_str(" AND status = 'dead'"),
+                Some(s) => sql.push_str(&format!(" AND status = '{s}'")),
+                None => {}
+            }
+            sql + " AND id < 'z' ORDER BY id DESC LIMIT 50"
+        };
+        let p = plan(&c, &list_sql(true, Some("succeeded")));
+        assert!(p.contains("jobs_user"), "{p}");
+        let p = plan(&c, &list_sql(false, Some("dead")));
+        assert!(p.contains("jobs_dead"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "no sort: {p}");
+        let p = plan(
+            &c,
+            "SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < 5
+               AND (status = 'succeeded' OR status = 'canceled' OR status = 'dead') LIMIT 10",
+        );
+        assert!(p.contains("jobs_finished"), "{p}");
+        let p = plan(
+            &c,
+            "SELECT id FROM jobs WHERE queue = 'fast' AND status IN ('queued', 'retrying')
+               AND run_at <= 5 ORDER BY priority DESC, run_at LIMIT 3",
+        );
+        assert!(p.contains("jobs_claim"), "{p}");
+    }
+
+    /// SQLite builds a temporary b-tree for a constant `IN` list of three or more values,
+    /// every time a statement evaluates it. Migration 0006 removed those from the jobs
+    /// table's CHECK, indexes and triggers, which every insert, claim and finish runs.
+    #[test]
+    fn job_state_changes_build_no_temporary_b_trees() {
+        let c = db_with_user();
+        let ephemeral = |sql: &str| -> usize {
+            c.prepare(&format!("EXPLAIN {sql}"))
+                .and_then(|mut s| {
+                    s.query_map([], |r| r.get::<_, String>(1))?
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .expect("explain")
+                .iter()
+                .filter(|op| op.as_str() == "OpenEphemeral")
+                .count()
+        };
+        let insert = "INSERT INTO jobs (id, user_id, kind, queue, status, priority, payload,
+                max_attempts, budget, run_at, created_at, updated_at)
+             VALUES ('j', 'u1', 'demo', 'fast', 'queued', 0, '{}', 1, 1, 0, 0, 0)";
+        assert_eq!(ephemeral(insert), 0);
+        let finish = "UPDATE jobs SET status = 'succeeded', finished_at = 1, lease_until = NULL
+             WHERE id = 'j' AND attempt = 1 AND status = 'running'";
+        assert_eq!(ephemeral(finish), 0);
+        // Triggers are compiled apart from the statement; check their text instead.
+        let sqls: Vec<String> = c
+            .prepare("SELECT sql FROM sqlite_schema WHERE tbl_name = 'jobs' AND sql IS NOT NULL")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("schema");
+        for sql in &sqls {
+            for list in sql.split(" IN (").skip(1) {
+                let items = list.split(')').next().unwrap_or("").matches(',').count() + 1;
+                assert!(items <= 2, "IN list of {items} values in: {sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_jobs_rebuild_keeps_every_job_and_its_attempt_history() {
+        use crate::storage::migrate;
+        let mut c = Connection::open_in_memory().expect("open");
+        c.pragma_update(None, "foreign_keys", true).expect("fk");
+        let before: Vec<(&str, &str)> = migrate::MIGRATIONS
+            .iter()
+            .copied()
+            .take_while(|(name, _)| *name != "0006_jobs_hot_path")
+            .collect();
+        migrate::apply_list(&mut c, &before).expect("old schema");
+        c.execute(
+            "INSERT INTO users (id, email, email_verified, role, token_version, disabled,
+                                created_at, updated_at)
+             VALUES ('u1', 'u1@example.com', 1, 'user', 0, 0, 0, 0)",
+            [],
+        )
+        .expect("user");
+        for (i, status) in STATUSES.iter().enumerate() {
+            let t = 1_700_000_000_000 + i as i64;
+            job_at(&c, t);
+            c.execute(
+                "UPDATE jobs SET status = ?1, attempt = 1, error = 'e', progress_msg = 'm',
+                        finished_at = CASE WHEN ?1 IN ('succeeded', 'dead', 'canceled')
+                                           THEN ?2 END
+                 WHERE created_at = ?2",
+                params![status, t],
+            )
+            .expect("status");
+            c.execute(
+                "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, outcome)
+                 SELECT id, 1, ?1, ?1, 'retry' FROM jobs WHERE created_at = ?1",
+                [t],
+            )
+            .expect("attempt");
+        }
+        let dump = |c: &Connection| -> Vec<String> {
+            c.prepare(&format!("SELECT {JOB_COLS} FROM jobs ORDER BY id"))
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok(format!("{:?}", job_from_row(r)?)))?
+                        .collect()
+                })
+                .expect("dump")
+        };
+        let jobs_before = dump(&c);
+        migrate::apply(&mut c).expect("upgrade");
+        assert_eq!(dump(&c), jobs_before, "every job, every column");
+        let attempts: i64 = c
+            .query_row("SELECT COUNT(*) FROM job_attempts", [], |r| r.get(0))
+            .expect("attempts");
+        assert_eq!(attempts, 6, "dropping the old table did not cascade");
+        let fk: bool = c
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .expect("fk");
+        assert!(fk, "foreign keys are back on");
+        assert_eq!(count_active(&c, "u1").expect("active"), 3);
+        // The new triggers keep the counter, and job_attempts still cascades.
+        let running: String = c
+            .query_row("SELECT id FROM jobs WHERE status = 'running'", [], |r| {
+                r.get(0)
+            })
+            .expect("running");
+        c.execute("DELETE FROM jobs WHERE id = ?1", [&running])
+            .expect("delete");
+        assert_eq!(count_active(&c, "u1").expect("active"), 2);
+        let left: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM job_attempts WHERE job_id = ?1",
+                [&running],
+                |r| r.get(0),
+            )
+            .expect("left");
+        assert_eq!(left, 0);
     }
 }

@@ -1141,6 +1141,37 @@ fn a_failing_migration_leaves_the_database_at_the_previous_version() {
     storage::integrity_check(&db).expect("healthy");
 }
 
+#[test]
+fn a_migration_run_without_foreign_keys_must_leave_them_intact() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let db = data.path().join("warpbase.db");
+    let mut conn = storage::open_writer_conn(&db).expect("open");
+    let mut with_orphan = migrate::MIGRATIONS.to_vec();
+    with_orphan.push((
+        "9999_orphan",
+        "-- warpbase: foreign_keys=off
+         INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, outcome)
+         VALUES ('no-such-job', 1, 0, 0, 'retry');",
+    ));
+    let err = migrate::apply_list(&mut conn, &with_orphan).expect_err("must fail");
+    assert!(
+        err.to_string().contains("foreign keys broken") && err.to_string().contains("job_attempts"),
+        "{err}"
+    );
+    assert_eq!(
+        migrate::current_version(&conn).expect("v"),
+        migrate::latest_version()
+    );
+    let orphans: i64 = conn
+        .query_row("SELECT COUNT(*) FROM job_attempts", [], |r| r.get(0))
+        .expect("query");
+    assert_eq!(orphans, 0, "rolled back");
+    let fk: bool = conn
+        .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+        .expect("fk");
+    assert!(fk, "the connection's foreign keys are on again");
+}
+
 // ---------------------------------------------------------------------------------------
 // Backup while writes are in flight
 
