@@ -135,7 +135,10 @@ pub async fn submit(
         .map_err(JobError::Invalid)?;
 
     let entitlement = state.billing.entitlement(&who.user_id).await;
-    let request_hash = hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default()));
+    // Only a keyed submission is ever compared with another one.
+    let request_hash = idempotency_key
+        .is_some()
+        .then(|| hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default())));
     let payload = req.payload.to_string();
     let id = crate::ids::new_id_at(now);
     let user_id = who.user_id.clone();
@@ -148,7 +151,7 @@ pub async fn submit(
             if let Some(key) = &idempotency_key
                 && let Some(existing) = q::find_by_idempotency_key(c, &user_id, key)?
             {
-                return if existing.request_hash.as_deref() == Some(request_hash.as_str()) {
+                return if existing.request_hash.is_some() && existing.request_hash == request_hash {
                     Ok(Submitted::Existing(existing))
                 } else {
                     Err(JobError::IdempotencyConflict)
@@ -186,7 +189,7 @@ pub async fn submit(
                     max_attempts,
                     run_at,
                     idempotency_key: idempotency_key.as_deref(),
-                    request_hash: Some(&request_hash),
+                    request_hash: request_hash.as_deref(),
                     now,
                 },
             )?;
@@ -210,7 +213,7 @@ pub async fn submit(
                 cancel_requested: false,
                 progress_pct: 0,
                 progress_msg: None,
-                request_hash: Some(request_hash),
+                request_hash,
                 created_at: now,
                 started_at: None,
                 finished_at: None,

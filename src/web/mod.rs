@@ -42,6 +42,8 @@ pub fn add_security_headers(headers: &mut HeaderMap) {
             HeaderValue::from_static("strict-origin-when-cross-origin"),
         ),
     ];
+    // One growth of the map at most, instead of one per header.
+    headers.reserve(defaults.len());
     for (name, value) in defaults {
         headers.entry(name).or_insert(value);
     }
