@@ -783,14 +783,16 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_migration_counts_the_active_jobs_already_there() {
+    /// A database migrated up to, not including, `migration`, with user `u1` (inserted by
+    /// hand: the users code writes today's schema).
+    fn db_before(migration: &str) -> Connection {
         use crate::storage::migrate;
         let mut c = Connection::open_in_memory().expect("open");
+        c.pragma_update(None, "foreign_keys", true).expect("fk");
         let before: Vec<(&str, &str)> = migrate::MIGRATIONS
             .iter()
             .copied()
-            .take_while(|(name, _)| *name != "0005_job_counters")
+            .take_while(|(name, _)| *name != migration)
             .collect();
         migrate::apply_list(&mut c, &before).expect("old schema");
         c.execute(
@@ -800,6 +802,12 @@ mod tests {
             [],
         )
         .expect("user");
+        c
+    }
+
+    #[test]
+    fn the_migration_counts_the_active_jobs_already_there() {
+        let mut c = db_before("0005_job_counters");
         for (i, status) in ["queued", "running", "succeeded", "retrying", "dead"]
             .iter()
             .enumerate()
@@ -811,7 +819,7 @@ mod tests {
             )
             .expect("status");
         }
-        migrate::apply(&mut c).expect("upgrade");
+        crate::storage::migrate::apply(&mut c).expect("upgrade");
         assert_eq!(count_active(&c, "u1").expect("active"), 3);
     }
     fn plan(c: &Connection, sql: &str) -> String {
@@ -895,22 +903,7 @@ mod tests {
 
     #[test]
     fn the_jobs_rebuild_keeps_every_job_and_its_attempt_history() {
-        use crate::storage::migrate;
-        let mut c = Connection::open_in_memory().expect("open");
-        c.pragma_update(None, "foreign_keys", true).expect("fk");
-        let before: Vec<(&str, &str)> = migrate::MIGRATIONS
-            .iter()
-            .copied()
-            .take_while(|(name, _)| *name != "0006_jobs_hot_path")
-            .collect();
-        migrate::apply_list(&mut c, &before).expect("old schema");
-        c.execute(
-            "INSERT INTO users (id, email, email_verified, role, token_version, disabled,
-                                created_at, updated_at)
-             VALUES ('u1', 'u1@example.com', 1, 'user', 0, 0, 0, 0)",
-            [],
-        )
-        .expect("user");
+        let mut c = db_before("0006_jobs_hot_path");
         for (i, status) in STATUSES.iter().enumerate() {
             let t = 1_700_000_000_000 + i as i64;
             job_at(&c, t);
@@ -938,7 +931,7 @@ mod tests {
                 .expect("dump")
         };
         let jobs_before = dump(&c);
-        migrate::apply(&mut c).expect("upgrade");
+        crate::storage::migrate::apply(&mut c).expect("upgrade");
         assert_eq!(dump(&c), jobs_before, "every job, every column");
         let attempts: i64 = c
             .query_row("SELECT COUNT(*) FROM job_attempts", [], |r| r.get(0))
