@@ -223,12 +223,31 @@ pub fn claim(
     Ok(rows)
 }
 
+/// [`next_run_at`]: the earliest `run_at` per distinct priority, by index seeks.
+const NEXT_RUN_AT: &str = "WITH RECURSIVE p(pr) AS (
+         SELECT MAX(priority) FROM jobs
+         WHERE queue = ?1 AND status IN ('queued', 'retrying')
+       UNION ALL
+         SELECT (SELECT MAX(priority) FROM jobs
+                 WHERE queue = ?1 AND status IN ('queued', 'retrying')
+                   AND priority < p.pr)
+         FROM p WHERE p.pr IS NOT NULL
+     )
+     SELECT MIN((SELECT MIN(run_at) FROM jobs
+                 WHERE queue = ?1 AND status IN ('queued', 'retrying')
+                   AND priority = p.pr))
+     FROM p WHERE p.pr IS NOT NULL";
+
 /// When the next job of `queue` becomes runnable, if any is waiting.
+///
+/// An idle dispatcher asks this every time it runs out of work. `jobs_claim` is ordered
+/// by (queue, priority DESC, run_at), so a plain `MIN(run_at)` reads every waiting job of
+/// the queue (≈ 45 ms with 200k scheduled jobs, on each wake). Instead, this walks the
+/// distinct priorities with one index seek each and takes the earliest `run_at` of each
+/// (one more seek): a handful of seeks whatever the backlog.
 pub fn next_run_at(conn: &Connection, queue: &str) -> Result<Option<Millis>, StorageError> {
     Ok(conn
-        .prepare_cached(
-            "SELECT MIN(run_at) FROM jobs WHERE queue = ?1 AND status IN ('queued', 'retrying')",
-        )?
+        .prepare_cached(NEXT_RUN_AT)?
         .query_row([queue], |r| r.get(0))?)
 }
 
@@ -959,5 +978,67 @@ mod tests {
             )
             .expect("left");
         assert_eq!(left, 0);
+    }
+    #[test]
+    fn next_run_at_is_the_earliest_waiting_job_found_by_seeks() {
+        let c = db_with_user();
+        assert_eq!(next_run_at(&c, "fast").expect("empty"), None);
+        let plain = |c: &Connection, queue: &str| -> Option<Millis> {
+            c.query_row(
+                "SELECT MIN(run_at) FROM jobs WHERE queue = ?1
+                   AND status IN ('queued', 'retrying')",
+                [queue],
+                |r| r.get(0),
+            )
+            .expect("plain")
+        };
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..300_i64 {
+            job_at(&c, 1_700_000_000_000 + i);
+            let id: String = c
+                .query_row("SELECT id FROM jobs ORDER BY rowid DESC LIMIT 1", [], |r| {
+                    r.get(0)
+                })
+                .expect("id");
+            let queue = ["fast", "slow"][(next() % 2) as usize];
+            let status = STATUSES[(next() % STATUSES.len() as u64) as usize];
+            let priority = (next() % 7) as i64 - 3;
+            let run_at = 1_800_000_000_000 + (next() % 1_000_000) as i64;
+            c.execute(
+                "UPDATE jobs SET queue = ?2, status = ?3, priority = ?4, run_at = ?5
+                 WHERE id = ?1",
+                params![id, queue, status, priority, run_at],
+            )
+            .expect("update");
+            if i % 25 == 0 {
+                for q in ["fast", "slow", "none"] {
+                    assert_eq!(
+                        next_run_at(&c, q).expect("next"),
+                        plain(&c, q),
+                        "{q} at {i}"
+                    );
+                }
+            }
+        }
+        // Seeks on (queue, priority), never a walk of the queue's whole backlog.
+        let rows: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {NEXT_RUN_AT}"))
+            .and_then(|mut s| s.query_map(["fast"], |r| r.get::<_, String>(3))?.collect())
+            .expect("plan");
+        let plan = rows.join(" | ");
+        assert!(
+            plan.contains("jobs_claim (queue=? AND priority=?)"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("jobs_claim (queue=? AND priority<?)"),
+            "{plan}"
+        );
     }
 }
