@@ -778,6 +778,16 @@ mod tests {
         assert_eq!(rows, 1);
     }
 
+    /// A deterministic pseudo-random sequence for the randomised walks below.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     fn active_by_count(c: &Connection) -> i64 {
         c.query_row(
             "SELECT COUNT(*) FROM jobs WHERE user_id = 'u1'
@@ -793,13 +803,7 @@ mod tests {
         let c = db_with_user();
         let statuses = STATUSES;
         // A deterministic walk over many transitions, checked after every step.
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for step in 0..400_i64 {
             let ids: Vec<String> = c
                 .prepare("SELECT id FROM jobs")
@@ -1032,13 +1036,7 @@ mod tests {
             )
             .expect("plain")
         };
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
         for i in 0..300_i64 {
             job_at(&c, 1_700_000_000_000 + i);
             let id: String = c
@@ -1081,13 +1079,7 @@ mod tests {
     fn claim_takes_due_jobs_by_priority_then_run_at_past_any_number_scheduled() {
         let c = db_with_user();
         let now = 1_800_000_000_000;
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for i in 0..400_i64 {
             job_at(&c, 1_700_000_000_000 + i);
             // Distinct run_at values, half of them due; some jobs not waiting at all.
