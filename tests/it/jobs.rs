@@ -72,6 +72,18 @@ async fn job(app: &TestApp, user: &TestUser, id: &str) -> Value {
     r.json().await.expect("job json")
 }
 
+/// The job's attempt history (`GET /jobs/{id}/attempts`).
+async fn attempts(app: &TestApp, user: &TestUser, id: &str) -> Value {
+    let r = app
+        .get(
+            &format!("/api/v1/jobs/{id}/attempts"),
+            Some(&user.access_token),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    r.json().await.expect("attempts json")
+}
+
 async fn wait_status(app: &TestApp, user: &TestUser, id: &str, status: &str) -> Value {
     eventually(T, &format!("job {id} to be {status}"), || async {
         let j = job(app, user, id).await;
@@ -139,13 +151,7 @@ async fn retryable_failures_retry_then_succeed_with_history() {
     let id = j["id"].as_str().expect("id");
     let j = wait_status(&app, &user, id, "succeeded").await;
     assert_eq!(j["attempt"], 3);
-    let r = app
-        .get(
-            &format!("/api/v1/jobs/{id}/attempts"),
-            Some(&user.access_token),
-        )
-        .await;
-    let hist: Value = r.json().await.expect("json");
+    let hist = attempts(&app, &user, id).await;
     let outcomes: Vec<&str> = hist["items"]
         .as_array()
         .expect("items")
@@ -263,15 +269,7 @@ async fn a_timeout_counts_as_a_failed_attempt() {
         dead["error"].as_str().expect("error").contains("timed out"),
         "{dead}"
     );
-    let hist: Value = app
-        .get(
-            &format!("/api/v1/jobs/{id}/attempts"),
-            Some(&user.access_token),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let hist = attempts(&app, &user, id).await;
     assert!(
         hist["items"]
             .as_array()
@@ -1000,9 +998,7 @@ async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it()
         .expect("trigger");
     // Parked until the same moment, so one claim takes them all and their outcomes are
     // ready together (the fast queue runs 8 at once).
-    let at = (time::OffsetDateTime::now_utc() + Duration::from_millis(700))
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("time");
+    let at = warpbase::clock::rfc3339(warpbase::clock::now_millis() + 700);
     let mut good = Vec::new();
     let mut bad = String::new();
     for steps in [1, 2, 3, 7, 4, 5, 6, 1] {
@@ -1021,15 +1017,7 @@ async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it()
     }
     for id in &good {
         wait_status(&app, &user, id, "succeeded").await;
-        let h: Value = app
-            .get(
-                &format!("/api/v1/jobs/{id}/attempts"),
-                Some(&user.access_token),
-            )
-            .await
-            .json()
-            .await
-            .expect("json");
+        let h = attempts(&app, &user, id).await;
         assert_eq!(h["items"].as_array().map(Vec::len), Some(1), "{h}");
         assert_eq!(h["items"][0]["outcome"], "succeeded", "{h}");
     }
@@ -1037,15 +1025,7 @@ async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it()
     // here), with no attempt in its history.
     let j = job(&app, &user, &bad).await;
     assert_eq!(j["status"], "running", "{j}");
-    let h: Value = app
-        .get(
-            &format!("/api/v1/jobs/{bad}/attempts"),
-            Some(&user.access_token),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let h = attempts(&app, &user, &bad).await;
     assert_eq!(h["items"].as_array().map(Vec::len), Some(0), "{h}");
     app.shutdown().await;
 }
@@ -1053,9 +1033,7 @@ async fn one_failing_outcome_write_does_not_fail_the_outcomes_recorded_with_it()
 #[tokio::test]
 async fn the_submit_answer_is_the_stored_job() {
     let (app, user) = start().await;
-    let at = (time::OffsetDateTime::now_utc() + Duration::from_secs(3600))
-        .format(&time::format_description::well_known::Rfc3339)
-        .expect("time");
+    let at = warpbase::clock::rfc3339(warpbase::clock::now_millis() + 3_600_000);
     let posted = submit(
         &app,
         &user,
