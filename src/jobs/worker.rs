@@ -267,9 +267,16 @@ async fn run_with_limits(
     let mut tick =
         tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The save in flight, polled beside the handler: awaiting it in the tick's arm would
+    // stop polling the handler for a commit (an fsync), and a `command` kind's PROGRESS
+    // lines would wait in its pipe for that long before reaching subscribers.
+    let mut saving: Option<futures_util::future::BoxFuture<'static, ()>> = None;
     loop {
         tokio::select! {
             r = &mut fut => return r,
+            () = async { if let Some(s) = saving.as_mut() { s.await } }, if saving.is_some() => {
+                saving = None;
+            }
             _ = &mut expired => {
                 cancel.cancel();
                 let _ = tokio::time::timeout(STOP_GRACE, &mut fut).await;
@@ -281,17 +288,22 @@ async fn run_with_limits(
                     _ => Err(JobFailure::Canceled),
                 };
             }
-            _ = tick.tick() => {
+            _ = tick.tick(), if saving.is_none() => {
                 if let Some((pct, msg)) = take_latest(latest) {
                     let id = job_id.to_string();
                     let now = state.now_millis();
-                    if let Err(e) = state
-                        .storage
-                        .write(move |c| q::save_progress(c, &id, pct, &msg, now))
-                        .await
-                    {
-                        tracing::warn!(job = job_id, error = %e, "saving progress failed");
-                    }
+                    let storage = state.storage.clone();
+                    // Dropped unfinished when the attempt ends: the write may still land,
+                    // before the outcome's (the writer is FIFO), and only while running.
+                    saving = Some(Box::pin(async move {
+                        let job = id.clone();
+                        let r = storage
+                            .write(move |c| q::save_progress(c, &id, pct, &msg, now))
+                            .await;
+                        if let Err(e) = r {
+                            tracing::warn!(job, error = %e, "saving progress failed");
+                        }
+                    }));
                 }
             }
         }

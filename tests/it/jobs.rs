@@ -139,6 +139,72 @@ async fn a_demo_job_streams_progress_and_succeeds() {
     app.shutdown().await;
 }
 
+/// Progress is saved once a second through the single writer. A slow commit (a busy disk's
+/// fsync) must not hold the handler back: its progress keeps reaching subscribers.
+#[tokio::test]
+async fn progress_keeps_flowing_while_a_progress_save_waits_for_the_writer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let (app, user) = start().await;
+    let j = submit(
+        &app,
+        &user,
+        json!({"kind": "demo", "payload": {"steps": 100, "step_ms": 50}}),
+    )
+    .await;
+    let id = j["id"].as_str().expect("id");
+    let resp = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+        .bearer_auth(&user.access_token)
+        .send()
+        .await
+        .expect("sse");
+    let mut sse = SseReader::new(resp);
+    while let Some(ev) = sse.next(T).await {
+        if ev.event == "progress" {
+            break;
+        }
+    }
+    // Hold the writer for 2.5 s. The job's once-a-second save is queued behind it within
+    // the first second, so from 1.1 s on a handler that waited for its save would be still.
+    let since: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let released = Arc::new(AtomicBool::new(false));
+    let (s2, r2) = (since.clone(), released.clone());
+    let storage = app.state().storage.clone();
+    let block = tokio::spawn(async move {
+        storage
+            .write(move |_| {
+                if let Ok(mut s) = s2.lock() {
+                    *s = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(2500));
+                r2.store(true, Ordering::SeqCst);
+                Ok::<_, warpbase::storage::StorageError>(())
+            })
+            .await
+    });
+    let mut late = 0;
+    while let Some(ev) = sse.next(T).await {
+        if released.load(Ordering::SeqCst) {
+            break;
+        }
+        let started = since.lock().ok().and_then(|s| *s);
+        if ev.event == "progress"
+            && started.is_some_and(|t| t.elapsed() > Duration::from_millis(1100))
+        {
+            late += 1;
+        }
+    }
+    block.await.expect("join").expect("blocking write");
+    assert!(
+        late >= 3,
+        "progress stalled while the writer was busy: {late} events in its last 1.4 s"
+    );
+    wait_status(&app, &user, id, "succeeded").await;
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn retryable_failures_retry_then_succeed_with_history() {
     let (app, user) = start().await;
