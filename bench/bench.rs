@@ -1695,6 +1695,94 @@ async fn sse_start_latency(server: &Server, user: &User, p: &Params) -> Result<(
     Ok((lat, n))
 }
 
+/// The server's peak RSS with `subs` streams open, against its idle RSS; at 10k
+/// subscribers it carries the "< 300 MB" target.
+fn rss_row(rep: &mut Report, name: String, peak: f64, idle: f64, subs: usize) {
+    let row = rep.add("sse", &name, peak, "MiB");
+    row.baseline("idle", idle);
+    if subs >= 10_000 {
+        row.target(Target::AtMost(300.0));
+    }
+}
+
+/// N SSE subscribers of the server, each read by its own task.
+struct Swarm<T> {
+    readers: Vec<tokio::task::JoinHandle<Result<T, String>>>,
+    /// How many got a 200 within the connect deadline, and how long connecting took.
+    connected: usize,
+    connect_s: f64,
+}
+
+impl<T: Send + 'static> Swarm<T> {
+    /// Opens `n` streams, `url(k)` for the k-th, at most 256 connecting at once, and waits
+    /// up to 60 s until all are connected. Each response goes to `read` with `stop`.
+    async fn connect<R, Fut>(
+        n: usize,
+        url: impl Fn(usize) -> String,
+        token: &str,
+        stop: &CancellationToken,
+        read: R,
+    ) -> Result<Swarm<T>>
+    where
+        R: Fn(reqwest::Response, CancellationToken) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = T> + Send,
+    {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(0)
+            .build()?;
+        let connected = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Semaphore::new(256));
+        let t_connect = Instant::now();
+        let mut readers = Vec::with_capacity(n);
+        for k in 0..n {
+            let (client, connected, gate) = (client.clone(), connected.clone(), gate.clone());
+            let (url, token, stop, read) = (url(k), token.to_string(), stop.clone(), read.clone());
+            readers.push(tokio::spawn(async move {
+                let resp = {
+                    let _permit = gate.acquire().await;
+                    match client.get(url).bearer_auth(token).send().await {
+                        Ok(r) if r.status() == 200 => r,
+                        Ok(r) => return Err(format!("status {}", r.status())),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                };
+                connected.fetch_add(1, Ordering::Relaxed);
+                Ok(read(resp, stop).await)
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while connected.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+            if readers.iter().all(|h| h.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Swarm {
+            readers,
+            connected: connected.load(Ordering::Relaxed),
+            connect_s: t_connect.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn all_finished(&self) -> bool {
+        self.readers.iter().all(|h| h.is_finished())
+    }
+
+    /// Every reader's result, and the errors of those that failed.
+    async fn join(self) -> (Vec<T>, Vec<String>) {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for h in self.readers {
+            match h.await {
+                Ok(Ok(t)) => ok.push(t),
+                Ok(Err(e)) => failed.push(e),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    }
+}
+
 /// 5b. SSE fan-out storm: N subscribers of one user's `/api/v1/events` while demo jobs run,
 /// so every event goes to all N.
 async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) -> Result<()> {
@@ -1702,36 +1790,15 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
     let server = Server::start(&paths.warpbase)?;
     let user = register(&server, "sse").await?;
     let (rss_before, _) = server.rss_mib();
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(0)
-        .build()?;
     let stop = CancellationToken::new();
-    let connected = Arc::new(AtomicUsize::new(0));
-    let connect_gate = Arc::new(tokio::sync::Semaphore::new(256));
     type Seen = Vec<(String, String, Instant)>;
-    let mut readers = Vec::with_capacity(subs);
-    let t_connect = Instant::now();
-    for _ in 0..subs {
-        let (client, stop, connected, gate) = (
-            client.clone(),
-            stop.clone(),
-            connected.clone(),
-            connect_gate.clone(),
-        );
-        let url = server.url("/api/v1/events");
-        let token = user.token.clone();
-        readers.push(tokio::spawn(async move {
-            let resp = {
-                let _permit = gate.acquire().await;
-                let r = client.get(url).bearer_auth(token).send().await;
-                match r {
-                    Ok(r) if r.status() == 200 => r,
-                    Ok(r) => return Err(format!("status {}", r.status())),
-                    Err(e) => return Err(e.to_string()),
-                }
-            };
-            connected.fetch_add(1, Ordering::Relaxed);
+    let url = server.url("/api/v1/events");
+    let swarm = Swarm::connect(
+        subs,
+        |_| url.clone(),
+        &user.token,
+        &stop,
+        |resp, stop| async move {
             let mut seen: Seen = Vec::new();
             read_sse(resp, stop, |e| {
                 // Key by the event id (`job:seq`); remember queued states by job id.
@@ -1742,18 +1809,11 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
                 seen.push((e.id, kind, e.at));
             })
             .await;
-            Ok(seen)
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while connected.load(Ordering::Relaxed) < subs && Instant::now() < deadline {
-        if readers.iter().all(|h| h.is_finished()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let connect_s = t_connect.elapsed().as_secs_f64();
-    let n_connected = connected.load(Ordering::Relaxed);
+            seen
+        },
+    )
+    .await?;
+    let (connect_s, n_connected) = (swarm.connect_s, swarm.connected);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_connected, _) = server.rss_mib();
 
@@ -1783,15 +1843,7 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
     tokio::time::sleep(Duration::from_millis(if subs > 2000 { 2000 } else { 500 })).await;
     let (rss_after, hwm) = server.rss_mib();
     stop.cancel();
-    let mut all: Vec<Seen> = Vec::new();
-    let mut failed = Vec::new();
-    for h in readers {
-        match h.await {
-            Ok(Ok(seen)) => all.push(seen),
-            Ok(Err(e)) => failed.push(e),
-            Err(e) => failed.push(e.to_string()),
-        }
-    }
+    let (all, failed) = swarm.join().await;
     server.stop();
 
     let posted = posted.lock().map_err(|e| anyhow!("{e}"))?;
@@ -1866,16 +1918,13 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
         pct_ms(&mut spread, 0.99),
         "ms",
     );
-    let row = rep.add(
-        "sse",
-        &format!("{label} subs, one stream: server RSS (peak)"),
+    rss_row(
+        rep,
+        format!("{label} subs, one stream: server RSS (peak)"),
         rss_after.max(rss_connected).max(hwm),
-        "MiB",
+        rss_before,
+        subs,
     );
-    row.baseline("idle", rss_before);
-    if subs >= 10_000 {
-        row.target(Target::AtMost(300.0));
-    }
     Ok(())
 }
 
@@ -1943,70 +1992,46 @@ max_attempts = 1
         );
     }
 
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(0)
-        .build()?;
     let stop = CancellationToken::new();
-    let connected = Arc::new(AtomicUsize::new(0));
     let received = Arc::new(AtomicUsize::new(0));
-    let connect_gate = Arc::new(tokio::sync::Semaphore::new(256));
     // Arrival times are taken as `Instant`s and put on the wall clock through one pair.
     let (base_instant, base_unix) = (Instant::now(), unix_micros());
-    let mut readers = Vec::with_capacity(subs);
-    let t_connect = Instant::now();
-    for k in 0..subs {
-        let (client, stop, connected, received, gate) = (
-            client.clone(),
-            stop.clone(),
-            connected.clone(),
-            received.clone(),
-            connect_gate.clone(),
-        );
-        let url = server.url(&format!("/api/v1/jobs/{}/events", ids[k % jobs]));
-        let token = user.token.clone();
-        readers.push(tokio::spawn(async move {
-            let resp = {
-                let _permit = gate.acquire().await;
-                let r = client.get(url).bearer_auth(token).send().await;
-                match r {
-                    Ok(r) if r.status() == 200 => r,
-                    Ok(r) => return Err(format!("status {}", r.status())),
-                    Err(e) => return Err(e.to_string()),
+    let swarm = Swarm::connect(
+        subs,
+        |k| server.url(&format!("/api/v1/jobs/{}/events", ids[k % jobs])),
+        &user.token,
+        &stop,
+        {
+            let received = received.clone();
+            move |resp, stop| {
+                let received = received.clone();
+                async move {
+                    let mut lat = Vec::new();
+                    let mut done = None;
+                    read_sse(resp, stop, |e| match e.event.as_str() {
+                        "progress" => {
+                            let printed = e
+                                .data
+                                .split_once("t=")
+                                .and_then(|(_, t)| t.split(|c: char| !c.is_ascii_digit()).next())
+                                .and_then(|t| t.parse::<u64>().ok());
+                            if let Some(printed) = printed {
+                                let at = base_unix + (e.at - base_instant).as_micros() as u64;
+                                lat.push(at.saturating_sub(printed));
+                                received.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        "done" => done = Some(e.at),
+                        _ => {}
+                    })
+                    .await;
+                    (lat, done)
                 }
-            };
-            connected.fetch_add(1, Ordering::Relaxed);
-            let mut lat = Vec::new();
-            let mut done = None;
-            read_sse(resp, stop, |e| match e.event.as_str() {
-                "progress" => {
-                    let printed = e
-                        .data
-                        .split_once("t=")
-                        .and_then(|(_, t)| t.split(|c: char| !c.is_ascii_digit()).next())
-                        .and_then(|t| t.parse::<u64>().ok());
-                    if let Some(printed) = printed {
-                        let at = base_unix + (e.at - base_instant).as_micros() as u64;
-                        lat.push(at.saturating_sub(printed));
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                "done" => done = Some(e.at),
-                _ => {}
-            })
-            .await;
-            Ok((lat, done))
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while connected.load(Ordering::Relaxed) < subs && Instant::now() < deadline {
-        if readers.iter().all(|h| h.is_finished()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let connect_s = t_connect.elapsed().as_secs_f64();
-    let n_connected = connected.load(Ordering::Relaxed);
+            }
+        },
+    )
+    .await?;
+    let (connect_s, n_connected) = (swarm.connect_s, swarm.connected);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_connected, _) = server.rss_mib();
 
@@ -2025,26 +2050,21 @@ max_attempts = 1
     let ended = Instant::now();
     std::fs::write(&stop_file, b"stop")?;
     let limit = Instant::now() + Duration::from_secs(60);
-    while !readers.iter().all(|h| h.is_finished()) && Instant::now() < limit {
+    while !swarm.all_finished() && Instant::now() < limit {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (rss_after, hwm) = server.rss_mib();
     stop.cancel();
+    let (results, failed) = swarm.join().await;
     let mut lat = Vec::new();
     let mut done_lat = Vec::new();
-    let (mut complete, mut failed) = (0usize, Vec::new());
-    for h in readers {
-        match h.await {
-            Ok(Ok((l, done))) => {
-                if let Some(at) = done {
-                    complete += 1;
-                    done_lat.push(at.saturating_duration_since(ended).as_micros() as u64);
-                }
-                lat.extend(l);
-            }
-            Ok(Err(e)) => failed.push(e),
-            Err(e) => failed.push(e.to_string()),
+    let mut complete = 0usize;
+    for (l, done) in results {
+        if let Some(at) = done {
+            complete += 1;
+            done_lat.push(at.saturating_duration_since(ended).as_micros() as u64);
         }
+        lat.extend(l);
     }
     let s = job_stats(&server, &user.id)?;
     server.stop();
@@ -2121,16 +2141,13 @@ max_attempts = 1
         cpu * 1e6 / delivered.max(1) as f64,
         "µs",
     );
-    let row = rep.add(
-        "sse",
-        &format!("{label} subs, live progress {hz}/s: server RSS (peak)"),
+    rss_row(
+        rep,
+        format!("{label} subs, live progress {hz}/s: server RSS (peak)"),
         rss_after.max(rss_connected).max(hwm),
-        "MiB",
+        rss_before,
+        subs,
     );
-    row.baseline("idle", rss_before);
-    if subs >= 10_000 {
-        row.target(Target::AtMost(300.0));
-    }
     Ok(())
 }
 

@@ -84,6 +84,18 @@ async fn attempts(app: &TestApp, user: &TestUser, id: &str) -> Value {
     r.json().await.expect("attempts json")
 }
 
+/// The job's SSE stream (`GET /jobs/{id}/events`), opened with the user's bearer token.
+async fn job_events(app: &TestApp, user: &TestUser, id: &str) -> SseReader {
+    let resp = app
+        .client
+        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
+        .bearer_auth(&user.access_token)
+        .send()
+        .await
+        .expect("sse");
+    SseReader::new(resp)
+}
+
 async fn wait_status(app: &TestApp, user: &TestUser, id: &str, status: &str) -> Value {
     eventually(T, &format!("job {id} to be {status}"), || async {
         let j = job(app, user, id).await;
@@ -104,14 +116,7 @@ async fn a_demo_job_streams_progress_and_succeeds() {
     assert_eq!(j["status"], "queued");
     assert_eq!(j["max_attempts"], 4);
     let id = j["id"].as_str().expect("id");
-    let resp = app
-        .client
-        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
-        .bearer_auth(&user.access_token)
-        .send()
-        .await
-        .expect("sse");
-    let mut sse = SseReader::new(resp);
+    let mut sse = job_events(&app, &user, id).await;
     let mut pcts = Vec::new();
     let mut done = None;
     while let Some(ev) = sse.next(T).await {
@@ -153,14 +158,7 @@ async fn progress_keeps_flowing_while_a_progress_save_waits_for_the_writer() {
     )
     .await;
     let id = j["id"].as_str().expect("id");
-    let resp = app
-        .client
-        .get(app.url(&format!("/api/v1/jobs/{id}/events")))
-        .bearer_auth(&user.access_token)
-        .send()
-        .await
-        .expect("sse");
-    let mut sse = SseReader::new(resp);
+    let mut sse = job_events(&app, &user, id).await;
     while let Some(ev) = sse.next(T).await {
         if ev.event == "progress" {
             break;
