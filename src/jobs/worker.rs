@@ -271,19 +271,19 @@ async fn run_with_limits(
     // stop polling the handler for a commit (an fsync), and a `command` kind's PROGRESS
     // lines would wait in its pipe for that long before reaching subscribers.
     let mut saving: Option<futures_util::future::BoxFuture<'static, ()>> = None;
-    loop {
+    let result = loop {
         tokio::select! {
-            r = &mut fut => return r,
+            r = &mut fut => break r,
             () = async { if let Some(s) = saving.as_mut() { s.await } }, if saving.is_some() => {
                 saving = None;
             }
             _ = &mut expired => {
                 cancel.cancel();
                 let _ = tokio::time::timeout(STOP_GRACE, &mut fut).await;
-                return Err(JobFailure::Timeout);
+                break Err(JobFailure::Timeout);
             }
             _ = cancel.cancelled() => {
-                return match tokio::time::timeout(STOP_GRACE, &mut fut).await {
+                break match tokio::time::timeout(STOP_GRACE, &mut fut).await {
                     Ok(Ok(v)) => Ok(v),
                     _ => Err(JobFailure::Canceled),
                 };
@@ -293,8 +293,6 @@ async fn run_with_limits(
                     let id = job_id.to_string();
                     let now = state.now_millis();
                     let storage = state.storage.clone();
-                    // Dropped unfinished when the attempt ends: the write may still land,
-                    // before the outcome's (the writer is FIFO), and only while running.
                     saving = Some(Box::pin(async move {
                         let job = id.clone();
                         let r = storage
@@ -307,7 +305,13 @@ async fn run_with_limits(
                 }
             }
         }
+    };
+    // The save took its progress out of `latest`, so the outcome will not carry it: let it
+    // land first (it is written only while the job is still running).
+    if let Some(s) = saving {
+        s.await;
     }
+    result
 }
 
 /// The most attempt outcomes recorded in one write.
