@@ -68,14 +68,18 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
         return;
     };
     let slots = Arc::new(Semaphore::new(concurrency));
-    let lease = state.config.jobs.lease;
     // Attempts hand their outcome to this queue's recorder, which writes the outcomes
     // that are ready together. It stops once this dispatcher and every attempt are gone.
     let (ended, ended_rx) = mpsc::unbounded_channel();
     let st = state.clone();
+    let refill = Refill {
+        queue: queue.clone(),
+        timeout,
+        ended: ended.downgrade(),
+    };
     state
         .tasks
-        .spawn(async move { record_ended(st, ended_rx).await });
+        .spawn(async move { record_ended(st, ended_rx, refill).await });
     loop {
         let first = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
@@ -85,15 +89,7 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
         while let Ok(p) = slots.clone().try_acquire_owned() {
             permits.push(p);
         }
-        let n = permits.len() as u32;
-        let now = state.now_millis();
-        let worker = jobs.worker_id().to_string();
-        let qname = queue.clone();
-        let lease_until = now + lease.as_millis() as i64;
-        let claimed = state
-            .storage
-            .write(move |c| q::claim(c, &qname, n, now, lease_until, &worker))
-            .await;
+        let claimed = claim(&state, &queue, permits.len()).await;
         let rows = match claimed {
             Ok(rows) => rows,
             Err(e) => {
@@ -116,26 +112,52 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
             }
             continue;
         }
-        permits.truncate(rows.len());
-        let cancels: Vec<CancellationToken> =
-            rows.iter().map(|_| CancellationToken::new()).collect();
-        if let Ok(mut running) = jobs.inner.running.lock() {
-            for (row, cancel) in rows.iter().zip(&cancels) {
-                running.insert(
-                    row.id.clone(),
-                    Running {
-                        cancel: cancel.clone(),
-                    },
-                );
-            }
+        start_attempts(&state, rows, permits, timeout, &ended);
+    }
+}
+
+/// Claims up to `n` runnable jobs of `queue` for this worker, with a fresh lease.
+async fn claim(state: &AppState, queue: &str, n: usize) -> Result<Vec<JobRow>, StorageError> {
+    let now = state.now_millis();
+    let worker = state.jobs.worker_id().to_string();
+    let qname = queue.to_string();
+    let lease_until = now + state.config.jobs.lease.as_millis() as i64;
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    state
+        .storage
+        .write(move |c| q::claim(c, &qname, n, now, lease_until, &worker))
+        .await
+}
+
+/// Runs each claimed job in its own task, holding one of `slots` until it is recorded.
+/// Callers claim at most as many jobs as they have slots; slots beyond the rows are
+/// released.
+fn start_attempts(
+    state: &AppState,
+    rows: Vec<JobRow>,
+    mut slots: Vec<OwnedSemaphorePermit>,
+    timeout: Duration,
+    ended: &mpsc::UnboundedSender<Ended>,
+) {
+    debug_assert!(rows.len() <= slots.len(), "claimed more jobs than slots");
+    slots.truncate(rows.len());
+    let cancels: Vec<CancellationToken> = rows.iter().map(|_| CancellationToken::new()).collect();
+    if let Ok(mut running) = state.jobs.inner.running.lock() {
+        for (row, cancel) in rows.iter().zip(&cancels) {
+            running.insert(
+                row.id.clone(),
+                Running {
+                    cancel: cancel.clone(),
+                },
+            );
         }
-        for ((row, permit), cancel) in rows.into_iter().zip(permits).zip(cancels) {
-            let st = state.clone();
-            let ended = ended.clone();
-            state
-                .tasks
-                .spawn(async move { run_attempt(st, row, cancel, timeout, permit, ended).await });
-        }
+    }
+    for ((row, slot), cancel) in rows.into_iter().zip(slots).zip(cancels) {
+        let st = state.clone();
+        let ended = ended.clone();
+        state
+            .tasks
+            .spawn(async move { run_attempt(st, row, cancel, timeout, slot, ended).await });
     }
 }
 
@@ -160,7 +182,9 @@ struct Ended {
     billable: bool,
     /// The latest progress not yet saved, written with the outcome.
     progress: Option<(u8, String)>,
-    _slot: OwnedSemaphorePermit,
+    /// The recorder holds it until the outcome is recorded, then hands it to a job it
+    /// claimed in this one's place or releases it.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 async fn run_attempt(
@@ -231,7 +255,7 @@ async fn run_attempt(
         // Kept for failures too, so the dead-letter queue shows how far the attempt got.
         progress: take_latest(&latest),
         row,
-        _slot: slot,
+        slot: Some(slot),
     };
     if let Err(mpsc::error::SendError(done)) = ended.send(done) {
         // The recorder is gone (it only stops when every sender is): leave the job to the
@@ -317,14 +341,51 @@ async fn run_with_limits(
 /// The most attempt outcomes recorded in one write.
 const MAX_RECORD_BATCH: usize = 512;
 
+/// What a recorder needs to put the slots it frees straight back to work.
+struct Refill {
+    queue: String,
+    timeout: Duration,
+    /// Weak, so the recorder does not keep its own channel open: it ends once the
+    /// dispatcher and every attempt are gone.
+    ended: mpsc::WeakUnboundedSender<Ended>,
+}
+
 /// A queue's recorder: writes the outcomes of the attempts that ended, all that are ready
 /// in one writer closure, then publishes them and frees their slots. The write is durable
 /// before anyone hears of an outcome or the slot runs another job.
-async fn record_ended(state: AppState, mut rx: mpsc::UnboundedReceiver<Ended>) {
+///
+/// Alongside that write it claims as many new jobs as the batch frees slots (a separate
+/// closure sent at the same moment, so the writer nearly always commits both together):
+/// a busy queue then needs one commit per round of jobs instead of two (outcome, then the
+/// dispatcher's claim), and its slots pass straight from the ended jobs to the new ones.
+async fn record_ended(state: AppState, mut rx: mpsc::UnboundedReceiver<Ended>, refill: Refill) {
     let mut counters = RunCounters::default();
     let mut batch = Vec::with_capacity(64);
     while rx.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
-        record_batch(&state, &mut batch, &mut counters).await;
+        let ended = refill
+            .ended
+            .upgrade()
+            .filter(|_| !state.shutdown.is_cancelled());
+        // Held until the outcomes are recorded, then handed to the new jobs or released.
+        let slots: Vec<OwnedSemaphorePermit> =
+            batch.iter_mut().filter_map(|e| e.slot.take()).collect();
+        let n = if ended.is_some() { slots.len() } else { 0 };
+        let claimed = async {
+            match n {
+                0 => Ok(Vec::new()),
+                n => claim(&state, &refill.queue, n).await,
+            }
+        };
+        let ((), claimed) = tokio::join!(record_batch(&state, &mut batch, &mut counters), claimed);
+        match (claimed, ended) {
+            (Ok(rows), Some(ended)) if !rows.is_empty() => {
+                start_attempts(&state, rows, slots, refill.timeout, &ended);
+            }
+            (Err(e), _) => {
+                tracing::error!(queue = %refill.queue, error = %e, "claiming jobs failed");
+            }
+            _ => {}
+        }
         batch.clear();
     }
 }

@@ -542,19 +542,32 @@ async fn plan_quotas_answer_402() {
 }
 
 /// A kind that records how often each job ran, to prove exactly-once execution.
-struct Counting(Arc<Mutex<HashMap<String, u32>>>);
+/// Counts runs per job, and attempts in flight per kind (now, most ever).
+struct Counting {
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+    in_flight: Arc<Mutex<HashMap<String, (u32, u32)>>>,
+}
 
 impl Handler for Counting {
     fn run(&self, ctx: JobContext) -> BoxFuture<'static, Result<Value, JobFailure>> {
-        let runs = self.0.clone();
+        let (runs, in_flight) = (self.runs.clone(), self.in_flight.clone());
         Box::pin(async move {
             *runs
                 .lock()
                 .expect("lock")
                 .entry(ctx.job_id.clone())
                 .or_default() += 1;
-            tokio::task::yield_now().await;
+            {
+                let mut f = in_flight.lock().expect("lock");
+                let (now, most) = f.entry(ctx.kind.clone()).or_default();
+                *now += 1;
+                *most = (*most).max(*now);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
             ctx.progress.report(100, "counted");
+            if let Some((now, _)) = in_flight.lock().expect("lock").get_mut(&ctx.kind) {
+                *now -= 1;
+            }
             Ok(json!({"ok": true}))
         })
     }
@@ -563,10 +576,14 @@ impl Handler for Counting {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_jobs_on_two_queues_each_run_exactly_once() {
     let runs = Arc::new(Mutex::new(HashMap::new()));
+    let in_flight = Arc::new(Mutex::new(HashMap::new()));
     let kind = |name: &str, queue: &str| KindSpec {
         name: name.into(),
         queue: queue.into(),
-        handler: Arc::new(Counting(runs.clone())),
+        handler: Arc::new(Counting {
+            runs: runs.clone(),
+            in_flight: in_flight.clone(),
+        }),
         public: true,
         billable: true,
         timeout: None,
@@ -643,6 +660,18 @@ async fn a_thousand_jobs_on_two_queues_each_run_exactly_once() {
             "every job ran exactly once"
         );
     }
+    // Each queue ran several at once, never more than its concurrency (fast 8, slow 2).
+    let in_flight = in_flight.lock().expect("lock").clone();
+    let most = |kind: &str| in_flight.get(kind).map_or(0, |(_, m)| *m);
+    let queues = &app.state().config.jobs.queues;
+    assert!(
+        (2..=queues["fast"].concurrency).contains(&most("count_fast")),
+        "fast queue in flight: {in_flight:?}"
+    );
+    assert!(
+        (2..=queues["slow"].concurrency).contains(&most("count_slow")),
+        "slow queue in flight: {in_flight:?}"
+    );
     app.shutdown().await;
 }
 
