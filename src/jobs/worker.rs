@@ -76,6 +76,7 @@ async fn dispatch(state: AppState, queue: String, concurrency: usize, timeout: D
         queue: queue.clone(),
         timeout,
         ended: ended.downgrade(),
+        slots: slots.clone(),
     };
     state
         .tasks
@@ -348,16 +349,19 @@ struct Refill {
     /// Weak, so the recorder does not keep its own channel open: it ends once the
     /// dispatcher and every attempt are gone.
     ended: mpsc::WeakUnboundedSender<Ended>,
+    /// The queue's slots: with some free, the dispatcher is idle and claims on its own.
+    slots: Arc<Semaphore>,
 }
 
 /// A queue's recorder: writes the outcomes of the attempts that ended, all that are ready
 /// in one writer closure, then publishes them and frees their slots. The write is durable
 /// before anyone hears of an outcome or the slot runs another job.
 ///
-/// Alongside that write it claims as many new jobs as the batch frees slots (a separate
-/// closure sent at the same moment, so the writer nearly always commits both together):
-/// a busy queue then needs one commit per round of jobs instead of two (outcome, then the
-/// dispatcher's claim), and its slots pass straight from the ended jobs to the new ones.
+/// When the queue is saturated it claims, alongside that write, as many new jobs as the
+/// batch frees slots (a separate closure sent at the same moment, so the writer nearly
+/// always commits both together): a busy queue then needs one commit per round of jobs
+/// instead of two (outcome, then the dispatcher's claim), and its slots pass straight from
+/// the ended jobs to the new ones.
 async fn record_ended(state: AppState, mut rx: mpsc::UnboundedReceiver<Ended>, refill: Refill) {
     let mut counters = RunCounters::default();
     let mut batch = Vec::with_capacity(64);
@@ -369,7 +373,13 @@ async fn record_ended(state: AppState, mut rx: mpsc::UnboundedReceiver<Ended>, r
         // Held until the outcomes are recorded, then handed to the new jobs or released.
         let slots: Vec<OwnedSemaphorePermit> =
             batch.iter_mut().filter_map(|e| e.slot.take()).collect();
-        let n = if ended.is_some() { slots.len() } else { 0 };
+        // Only a saturated queue refills here; an idle dispatcher picks up new work itself.
+        let saturated = refill.slots.available_permits() == 0;
+        let n = if ended.is_some() && saturated {
+            slots.len()
+        } else {
+            0
+        };
         let claimed = async {
             match n {
                 0 => Ok(Vec::new()),
