@@ -149,8 +149,6 @@ struct Inner {
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
     worker_id: String,
-    /// Submissions waiting for the writer, written in batches.
-    submits: Arc<queue::SubmitBatches>,
 }
 
 impl Jobs {
@@ -189,7 +187,6 @@ impl Jobs {
                     .build(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
                 worker_id: crate::ids::new_id(),
-                submits: Arc::default(),
             }),
         }
     }
@@ -216,10 +213,6 @@ impl Jobs {
 
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
-    }
-
-    pub(crate) fn submits(&self) -> &Arc<queue::SubmitBatches> {
-        &self.inner.submits
     }
 
     fn wake_handle(&self, queue: &str) -> Option<Arc<Notify>> {

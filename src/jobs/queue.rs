@@ -139,224 +139,93 @@ pub async fn submit(
     let request_hash = idempotency_key
         .is_some()
         .then(|| hex::encode(Sha256::digest(serde_json::to_vec(&req).unwrap_or_default())));
-    let new = NewSubmit {
-        id: crate::ids::new_id_at(now),
-        user_id: who.user_id.clone(),
-        kind: req.kind.clone(),
-        queue: queue.clone(),
-        priority,
-        payload: req.payload.to_string(),
-        max_attempts,
-        run_at,
-        idempotency_key,
-        request_hash,
-        period_start: entitlement.period_start,
-        limits: entitlement.limits,
-        billable: spec.billable,
-        now,
-    };
-    let outcome = state.jobs.submits().submit(state, new).await?;
+    let payload = req.payload.to_string();
+    let id = crate::ids::new_id_at(now);
+    let user_id = who.user_id.clone();
+    let kind = req.kind.clone();
+    let q2 = queue.clone();
+    let billable = spec.billable;
+    let outcome = state
+        .storage
+        .write(move |c| {
+            if let Some(key) = &idempotency_key
+                && let Some(existing) = q::find_by_idempotency_key(c, &user_id, key)?
+            {
+                return if existing.request_hash.is_some() && existing.request_hash == request_hash {
+                    Ok(Submitted::Existing(existing))
+                } else {
+                    Err(JobError::IdempotencyConflict)
+                };
+            }
+            // Read inside the writer, so concurrent submissions cannot overshoot.
+            let used = q::period_usage(c, &user_id, entitlement.period_start)?;
+            if billable {
+                let limits = entitlement.limits;
+                let active = q::count_active(c, &user_id)?;
+                if active >= u64::from(limits.concurrent_jobs) {
+                    return Err(JobError::PlanLimit {
+                        what: "concurrent jobs",
+                        limit: u64::from(limits.concurrent_jobs),
+                        used: active,
+                    });
+                }
+                if used >= limits.jobs_per_period {
+                    return Err(JobError::PlanLimit {
+                        what: "jobs this period",
+                        limit: limits.jobs_per_period,
+                        used,
+                    });
+                }
+            }
+            q::insert_job(
+                c,
+                &NewJob {
+                    id: &id,
+                    user_id: Some(&user_id),
+                    kind: &kind,
+                    queue: &q2,
+                    priority,
+                    payload: &payload,
+                    max_attempts,
+                    run_at,
+                    idempotency_key: idempotency_key.as_deref(),
+                    request_hash: request_hash.as_deref(),
+                    now,
+                },
+            )?;
+            q::set_period_usage(c, &user_id, entitlement.period_start, used + 1)?;
+            // The row as inserted (column defaults included), without reading it back.
+            Ok(Submitted::Created(JobRow {
+                id,
+                user_id: Some(user_id),
+                kind,
+                queue: q2,
+                status: "queued".into(),
+                priority,
+                payload,
+                result: None,
+                error: None,
+                attempt: 0,
+                max_attempts,
+                budget: max_attempts,
+                run_at,
+                lease_until: None,
+                cancel_requested: false,
+                progress_pct: 0,
+                progress_msg: None,
+                request_hash,
+                created_at: now,
+                started_at: None,
+                finished_at: None,
+            }))
+        })
+        .await?;
     if let Submitted::Created(row) = &outcome {
         state.jobs.invalidate_usage(&who.user_id);
         publish_outcome(state, row);
         state.jobs.notify(&queue);
     }
     Ok(outcome)
-}
-
-/// One submission, validated, as data: what the writer needs to enqueue it.
-pub(crate) struct NewSubmit {
-    id: String,
-    user_id: String,
-    kind: String,
-    queue: String,
-    priority: i64,
-    payload: String,
-    max_attempts: u32,
-    run_at: i64,
-    idempotency_key: Option<String>,
-    request_hash: Option<String>,
-    period_start: i64,
-    limits: crate::config::PlanLimits,
-    billable: bool,
-    now: i64,
-}
-
-/// Enqueues one submission inside a write transaction: idempotency, then the plan's
-/// quotas (read here, in the single writer, so concurrent submissions cannot overshoot),
-/// then the row and the period count. Idempotency and quota errors are returned before
-/// anything is written; only a `Storage` error can come after a write.
-fn submit_in(c: &rusqlite::Connection, s: &NewSubmit) -> Result<Submitted, JobError> {
-    if let Some(key) = &s.idempotency_key
-        && let Some(existing) = q::find_by_idempotency_key(c, &s.user_id, key)?
-    {
-        return if existing.request_hash.is_some() && existing.request_hash == s.request_hash {
-            Ok(Submitted::Existing(existing))
-        } else {
-            Err(JobError::IdempotencyConflict)
-        };
-    }
-    let used = q::period_usage(c, &s.user_id, s.period_start)?;
-    if s.billable {
-        let limits = s.limits;
-        let active = q::count_active(c, &s.user_id)?;
-        if active >= u64::from(limits.concurrent_jobs) {
-            return Err(JobError::PlanLimit {
-                what: "concurrent jobs",
-                limit: u64::from(limits.concurrent_jobs),
-                used: active,
-            });
-        }
-        if used >= limits.jobs_per_period {
-            return Err(JobError::PlanLimit {
-                what: "jobs this period",
-                limit: limits.jobs_per_period,
-                used,
-            });
-        }
-    }
-    q::insert_job(
-        c,
-        &NewJob {
-            id: &s.id,
-            user_id: Some(&s.user_id),
-            kind: &s.kind,
-            queue: &s.queue,
-            priority: s.priority,
-            payload: &s.payload,
-            max_attempts: s.max_attempts,
-            run_at: s.run_at,
-            idempotency_key: s.idempotency_key.as_deref(),
-            request_hash: s.request_hash.as_deref(),
-            now: s.now,
-        },
-    )?;
-    q::set_period_usage(c, &s.user_id, s.period_start, used + 1)?;
-    // The row as inserted (column defaults included), without reading it back.
-    Ok(Submitted::Created(JobRow {
-        id: s.id.clone(),
-        user_id: Some(s.user_id.clone()),
-        kind: s.kind.clone(),
-        queue: s.queue.clone(),
-        status: "queued".into(),
-        priority: s.priority,
-        payload: s.payload.clone(),
-        result: None,
-        error: None,
-        attempt: 0,
-        max_attempts: s.max_attempts,
-        budget: s.max_attempts,
-        run_at: s.run_at,
-        lease_until: None,
-        cancel_requested: false,
-        progress_pct: 0,
-        progress_msg: None,
-        request_hash: s.request_hash.clone(),
-        created_at: s.now,
-        started_at: None,
-        finished_at: None,
-    }))
-}
-
-type Reply = tokio::sync::oneshot::Sender<Result<Submitted, JobError>>;
-
-/// Submissions waiting for the writer, written as one closure per batch.
-///
-/// Every writer closure runs in its own SAVEPOINT, and SQLite copies each page a savepoint
-/// touches for the first time into the statement journal; a submission touches the same
-/// five or six hot pages as the one before it, so one closure per submission copied them
-/// for every job. A batch copies them once. While a batch is being written the next one
-/// gathers, so the batch size follows the load (one at light load).
-///
-/// An idempotency or quota error answers its own submission and writes nothing. A
-/// storage error inside the batch rolls the whole batch back and answers each of its
-/// submissions with it (in practice such errors, a full disk or an I/O error, abort the
-/// writer's whole transaction anyway).
-#[derive(Default)]
-pub(crate) struct SubmitBatches {
-    pending: std::sync::Mutex<Vec<(NewSubmit, Reply)>>,
-    /// True while a flusher task runs; it takes every pending submission before each write.
-    flushing: std::sync::atomic::AtomicBool,
-}
-
-/// The most submissions written in one closure.
-const MAX_SUBMIT_BATCH: usize = 512;
-
-impl SubmitBatches {
-    /// Queues `new` and waits until its batch is committed (or failed).
-    pub(crate) async fn submit(
-        self: &std::sync::Arc<Self>,
-        state: &AppState,
-        new: NewSubmit,
-    ) -> Result<Submitted, JobError> {
-        use std::sync::atomic::Ordering;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pending
-            .lock()
-            .map_err(|_| StorageError::Panicked)?
-            .push((new, tx));
-        if !self.flushing.swap(true, Ordering::AcqRel) {
-            // A task, not this request: a client that hangs up must not take the answers
-            // of the other submissions in the batch with it.
-            let (me, st) = (self.clone(), state.clone());
-            state.tasks.spawn(async move { me.flush(&st).await });
-        }
-        rx.await
-            .map_err(|_| JobError::Storage(StorageError::Aborted))?
-    }
-
-    async fn flush(&self, state: &AppState) {
-        use std::sync::atomic::Ordering;
-        loop {
-            let batch: Vec<(NewSubmit, Reply)> = match self.pending.lock() {
-                Ok(mut p) => {
-                    let n = p.len().min(MAX_SUBMIT_BATCH);
-                    p.drain(..n).collect()
-                }
-                Err(_) => Vec::new(),
-            };
-            if batch.is_empty() {
-                self.flushing.store(false, Ordering::Release);
-                // A submission queued after the take above saw `flushing` still set.
-                let more = self.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
-                if more && !self.flushing.swap(true, Ordering::AcqRel) {
-                    continue;
-                }
-                return;
-            }
-            let (items, replies): (Vec<NewSubmit>, Vec<Reply>) = batch.into_iter().unzip();
-            let written = state
-                .storage
-                .write(move |c| {
-                    let mut out = Vec::with_capacity(items.len());
-                    for s in &items {
-                        match submit_in(c, s) {
-                            Err(JobError::Storage(e)) => return Err(JobError::Storage(e)),
-                            r => out.push(r),
-                        }
-                    }
-                    Ok::<_, JobError>(out)
-                })
-                .await;
-            match written {
-                Ok(results) => {
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    let e = match e {
-                        JobError::Storage(e) => e,
-                        // The closure returns no other error.
-                        _ => StorageError::Aborted,
-                    };
-                    for reply in replies {
-                        let _ = reply.send(Err(JobError::Storage(e.clone())));
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// A job the caller may see: their own, or any for an admin.
