@@ -429,6 +429,102 @@ async fn idempotency_key_returns_the_same_job_or_conflicts() {
     app.shutdown().await;
 }
 
+/// Concurrent submissions share the writer's transactions: each must still see the ones
+/// committed or written before it (quota counts, Idempotency-Keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_submissions_neither_overshoot_quotas_nor_duplicate_keyed_jobs() {
+    let app = TestApp::start_with(
+        |c| {
+            c.billing.plans.push(PlanConfig {
+                id: "free".into(),
+                name: "Free".into(),
+                price_id: String::new(),
+                price: 0,
+                currency: "usd".into(),
+                interval: "month".into(),
+                metered: false,
+                limits: PlanLimits {
+                    jobs_per_period: 10,
+                    concurrent_jobs: 1000,
+                    max_upload_bytes: 1024,
+                },
+            });
+        },
+        AppOptions::default(),
+    )
+    .await;
+    let long = json!({"kind": "demo", "payload": {"steps": 1000, "step_ms": 50}});
+    let statuses = |user: TestUser, key: Option<&'static str>, bodies: Vec<Value>| {
+        let app = &app;
+        async move {
+            let sends = bodies.into_iter().map(|b| {
+                let mut req = app
+                    .client
+                    .post(app.url("/api/v1/jobs"))
+                    .bearer_auth(&user.access_token)
+                    .json(&b);
+                if let Some(k) = key {
+                    req = req.header("idempotency-key", k);
+                }
+                async move {
+                    let r = req.send().await.expect("submit");
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.expect("json");
+                    (status, v)
+                }
+            });
+            futures_util::future::join_all(sends).await
+        }
+    };
+    // 30 at once against a period quota of 10: exactly 10 accepted.
+    let quota = app.create_user("burst@example.com").await;
+    let res = statuses(quota, None, vec![long.clone(); 30]).await;
+    let accepted = res.iter().filter(|(s, _)| *s == 202).count();
+    let refused = res
+        .iter()
+        .filter(|(s, v)| *s == 402 && v["code"] == "plan_limit")
+        .count();
+    assert_eq!((accepted, refused), (10, 20), "{res:?}");
+    // 20 at once with one key and two bodies: one job; its body's twins get it, the
+    // other body gets 409.
+    let keyed = app.create_user("keyed@example.com").await;
+    let other = json!({"kind": "demo", "payload": {"steps": 2, "step_ms": 50}});
+    let bodies = (0..20)
+        .map(|i| {
+            if i % 2 == 0 {
+                long.clone()
+            } else {
+                other.clone()
+            }
+        })
+        .collect();
+    let res = statuses(keyed, Some("k-1"), bodies).await;
+    let ids: std::collections::HashSet<String> = res
+        .iter()
+        .filter(|(s, _)| *s == 202 || *s == 200)
+        .map(|(_, v)| v["id"].as_str().expect("id").to_string())
+        .collect();
+    let created = res.iter().filter(|(s, _)| *s == 202).count();
+    let same = res.iter().filter(|(s, _)| *s == 200).count();
+    let conflicts = res.iter().filter(|(s, _)| *s == 409).count();
+    assert_eq!(ids.len(), 1, "{res:?}");
+    assert_eq!((created, same, conflicts), (1, 9, 10), "{res:?}");
+    let jobs = app
+        .state()
+        .storage
+        .read(|c| {
+            Ok::<i64, warpbase::storage::StorageError>(c.query_row(
+                "SELECT COUNT(*) FROM jobs",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .expect("count");
+    assert_eq!(jobs, 11);
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn bad_submissions_are_clear_problems() {
     let (app, user) = start().await;
@@ -541,8 +637,8 @@ async fn plan_quotas_answer_402() {
     app.shutdown().await;
 }
 
-/// A kind that records how often each job ran, to prove exactly-once execution.
-/// Counts runs per job, and attempts in flight per kind (now, most ever).
+/// A kind that records how often each job ran, to prove exactly-once execution, and how
+/// many attempts of each kind were in flight (now, most ever).
 struct Counting {
     runs: Arc<Mutex<HashMap<String, u32>>>,
     in_flight: Arc<Mutex<HashMap<String, (u32, u32)>>>,
