@@ -26,7 +26,13 @@ fn fast_retries(c: &mut warpbase::Config) {
     );
 }
 
-fn generous_free_plan(c: &mut warpbase::Config) {
+/// A free plan with these limits.
+fn free_plan(
+    c: &mut warpbase::Config,
+    jobs_per_period: u64,
+    concurrent_jobs: u32,
+    max_upload_bytes: u64,
+) {
     c.billing.plans.push(PlanConfig {
         id: "free".into(),
         name: "Free".into(),
@@ -36,11 +42,15 @@ fn generous_free_plan(c: &mut warpbase::Config) {
         interval: "month".into(),
         metered: false,
         limits: PlanLimits {
-            jobs_per_period: 100_000,
-            concurrent_jobs: 100_000,
-            max_upload_bytes: 1 << 20,
+            jobs_per_period,
+            concurrent_jobs,
+            max_upload_bytes,
         },
     });
+}
+
+fn generous_free_plan(c: &mut warpbase::Config) {
+    free_plan(c, 100_000, 100_000, 1 << 20);
 }
 
 async fn start() -> (TestApp, TestUser) {
@@ -433,26 +443,7 @@ async fn idempotency_key_returns_the_same_job_or_conflicts() {
 /// committed or written before it (quota counts, Idempotency-Keys).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_submissions_neither_overshoot_quotas_nor_duplicate_keyed_jobs() {
-    let app = TestApp::start_with(
-        |c| {
-            c.billing.plans.push(PlanConfig {
-                id: "free".into(),
-                name: "Free".into(),
-                price_id: String::new(),
-                price: 0,
-                currency: "usd".into(),
-                interval: "month".into(),
-                metered: false,
-                limits: PlanLimits {
-                    jobs_per_period: 10,
-                    concurrent_jobs: 1000,
-                    max_upload_bytes: 1024,
-                },
-            });
-        },
-        AppOptions::default(),
-    )
-    .await;
+    let app = TestApp::start_with(|c| free_plan(c, 10, 1000, 1024), AppOptions::default()).await;
     let long = json!({"kind": "demo", "payload": {"steps": 1000, "step_ms": 50}});
     let statuses = |user: TestUser, key: Option<&'static str>, bodies: Vec<Value>| {
         let app = &app;
@@ -575,26 +566,7 @@ async fn bad_submissions_are_clear_problems() {
 
 #[tokio::test]
 async fn plan_quotas_answer_402() {
-    let app = TestApp::start_with(
-        |c| {
-            c.billing.plans.push(PlanConfig {
-                id: "free".into(),
-                name: "Free".into(),
-                price_id: String::new(),
-                price: 0,
-                currency: "usd".into(),
-                interval: "month".into(),
-                metered: false,
-                limits: PlanLimits {
-                    jobs_per_period: 3,
-                    concurrent_jobs: 2,
-                    max_upload_bytes: 1024,
-                },
-            });
-        },
-        AppOptions::default(),
-    )
-    .await;
+    let app = TestApp::start_with(|c| free_plan(c, 3, 2, 1024), AppOptions::default()).await;
     let user = app.create_user("quota@example.com").await;
     async fn used(app: &TestApp, user: &TestUser) -> Value {
         let me: Value = app
