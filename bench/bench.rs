@@ -1695,6 +1695,15 @@ async fn sse_start_latency(server: &Server, user: &User, p: &Params) -> Result<(
     Ok((lat, n))
 }
 
+/// How a subscriber count is named in row labels: `20`, `1k`, `10k`.
+fn subs_label(subs: usize) -> String {
+    if subs >= 1000 {
+        format!("{}k", subs / 1000)
+    } else {
+        subs.to_string()
+    }
+}
+
 /// The server's peak RSS with `subs` streams open, against its idle RSS; at 10k
 /// subscribers it carries the "< 300 MB" target.
 fn rss_row(rep: &mut Report, name: String, peak: f64, idle: f64, subs: usize) {
@@ -1769,8 +1778,9 @@ impl<T: Send + 'static> Swarm<T> {
         self.readers.iter().all(|h| h.is_finished())
     }
 
-    /// Every reader's result, and the errors of those that failed.
-    async fn join(self) -> (Vec<T>, Vec<String>) {
+    /// Every reader's result; checks (as `name`) that all connected and none failed.
+    async fn join(self, rep: &mut Report, name: &str) -> Vec<T> {
+        let n = self.readers.len();
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
         for h in self.readers {
             match h.await {
@@ -1779,7 +1789,16 @@ impl<T: Send + 'static> Swarm<T> {
                 Err(e) => failed.push(e.to_string()),
             }
         }
-        (ok, failed)
+        rep.check(
+            format!(
+                "{name}: connected {} of {n}, failed {} {:?}",
+                self.connected,
+                failed.len(),
+                failed.iter().take(2).collect::<Vec<_>>()
+            ),
+            self.connected == n && failed.is_empty(),
+        );
+        ok
     }
 }
 
@@ -1813,7 +1832,6 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
         },
     )
     .await?;
-    let (connect_s, n_connected) = (swarm.connect_s, swarm.connected);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_connected, _) = server.rss_mib();
 
@@ -1843,7 +1861,8 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
     tokio::time::sleep(Duration::from_millis(if subs > 2000 { 2000 } else { 500 })).await;
     let (rss_after, hwm) = server.rss_mib();
     stop.cancel();
-    let (all, failed) = swarm.join().await;
+    let connect_s = swarm.connect_s;
+    let all = swarm.join(rep, &format!("sse {subs}")).await;
     server.stop();
 
     let posted = posted.lock().map_err(|e| anyhow!("{e}"))?;
@@ -1882,22 +1901,10 @@ async fn scenario_sse(p: &Params, paths: &Paths, rep: &mut Report, subs: usize) 
         }
     }
     rep.check(
-        format!(
-            "sse {subs}: connected {n_connected}, failed {} {:?}",
-            failed.len(),
-            failed.iter().take(2).collect::<Vec<_>>()
-        ),
-        n_connected == subs && failed.is_empty(),
-    );
-    rep.check(
         format!("sse {subs}: {complete} of {subs} subscribers got every job's done event"),
         complete == subs,
     );
-    let label = if subs >= 1000 {
-        format!("{}k", subs / 1000)
-    } else {
-        subs.to_string()
-    };
+    let label = subs_label(subs);
     let events: usize = all.iter().map(Vec::len).sum();
     // No target here: the target is for live progress (above). This is the stress case of
     // every tab on one user's stream, ≈ 90 events/s each (BENCHMARKS.md § SSE).
@@ -2031,7 +2038,6 @@ max_attempts = 1
         },
     )
     .await?;
-    let (connect_s, n_connected) = (swarm.connect_s, swarm.connected);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (rss_connected, _) = server.rss_mib();
 
@@ -2055,7 +2061,8 @@ max_attempts = 1
     }
     let (rss_after, hwm) = server.rss_mib();
     stop.cancel();
-    let (results, failed) = swarm.join().await;
+    let connect_s = swarm.connect_s;
+    let results = swarm.join(rep, &format!("sse live {subs}")).await;
     let mut lat = Vec::new();
     let mut done_lat = Vec::new();
     let mut complete = 0usize;
@@ -2070,14 +2077,6 @@ max_attempts = 1
     server.stop();
 
     rep.check(
-        format!(
-            "sse live {subs}: connected {n_connected}, failed {} {:?}",
-            failed.len(),
-            failed.iter().take(2).collect::<Vec<_>>()
-        ),
-        n_connected == subs && failed.is_empty(),
-    );
-    rep.check(
         format!("sse live {subs}: {complete} of {subs} subscribers got their job's done event"),
         complete == subs,
     );
@@ -2088,11 +2087,7 @@ max_attempts = 1
         ),
         s.succeeded == s.total && s.total == jobs as u64,
     );
-    let label = if subs >= 1000 {
-        format!("{}k", subs / 1000)
-    } else {
-        subs.to_string()
-    };
+    let label = subs_label(subs);
     let delivered = lat.len() as u64;
     let row = rep.add(
         "sse",
