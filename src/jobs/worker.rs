@@ -711,6 +711,7 @@ async fn housekeeping(state: AppState) {
     let mut tick = tokio::time::interval((lease / 2).max(Duration::from_millis(200)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rounds: u64 = 0;
+    let mut gauges = Gauges::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -720,7 +721,7 @@ async fn housekeeping(state: AppState) {
         rescue(&state).await;
         state.jobs.hub().sweep();
         if rounds % 10 == 1 {
-            update_gauges(&state).await;
+            gauges.update(&state).await;
         }
         if rounds % 4 == 1 {
             run_periodic(&state).await;
@@ -752,12 +753,67 @@ async fn rescue(state: &AppState) {
     }
 }
 
-async fn update_gauges(state: &AppState) {
-    if let Ok(counts) = state.storage.read(q::counts_by_queue_status).await {
-        for (queue, status, n) in counts {
+/// How often the `jobs` gauge recounts succeeded and canceled jobs: a full table scan.
+const ENDED_RECOUNT: Duration = Duration::from_secs(15 * 60);
+
+/// The `jobs{queue,status}` gauge. The backlog, running and dead jobs are recounted on
+/// every refresh through their partial indexes; the ended ones (most of the table) only
+/// every [`ENDED_RECOUNT`]. Every queue gets all six statuses, zero included, so a series
+/// drops to 0 when its last job leaves that status instead of keeping its last count.
+#[derive(Default)]
+struct Gauges {
+    ended: q::Counts,
+    ended_at: Option<tokio::time::Instant>,
+    /// Every queue ever reported (configured or found in the table).
+    queues: std::collections::BTreeSet<String>,
+}
+
+impl Gauges {
+    async fn update(&mut self, state: &AppState) {
+        let stale = self.ended_at.is_none_or(|at| at.elapsed() >= ENDED_RECOUNT);
+        if stale {
+            match state.storage.read(q::counts_ended).await {
+                Ok(ended) => {
+                    self.ended = ended;
+                    self.ended_at = Some(tokio::time::Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "counting ended jobs failed"),
+            }
+        }
+        let indexed = match state.storage.read(q::counts_indexed).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "counting jobs failed");
+                return;
+            }
+        };
+        self.queues.extend(state.config.jobs.queues.keys().cloned());
+        for (queue, status, n) in gauge_values(&mut self.queues, &[&indexed, &self.ended]) {
             metrics::gauge!("jobs", "queue" => queue, "status" => status).set(n as f64);
         }
     }
+}
+
+/// Every (queue, status) of `queues` and of the counts, with its count or 0. Queues found
+/// in the counts are added to `queues`.
+fn gauge_values(
+    queues: &mut std::collections::BTreeSet<String>,
+    counts: &[&q::Counts],
+) -> Vec<(String, &'static str, u64)> {
+    let mut found: HashMap<(&str, &str), u64> = HashMap::new();
+    for (queue, status, n) in counts.iter().flat_map(|c| c.iter()) {
+        queues.insert(queue.clone());
+        *found.entry((queue.as_str(), status.as_str())).or_default() += n;
+    }
+    queues
+        .iter()
+        .flat_map(|queue| {
+            q::STATUSES.iter().map(|status| {
+                let n = found.get(&(queue.as_str(), *status)).copied().unwrap_or(0);
+                (queue.clone(), *status, n)
+            })
+        })
+        .collect()
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -858,5 +914,42 @@ pub async fn release_running(state: &AppState) {
     // `canceled` from this very signal) would otherwise end the job instead of returning it.
     for id in &ids {
         state.jobs.signal_cancel(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn counts(rows: &[(&str, &str, u64)]) -> q::Counts {
+        rows.iter()
+            .map(|(q, s, n)| (q.to_string(), s.to_string(), *n))
+            .collect()
+    }
+
+    #[test]
+    fn the_jobs_gauge_has_every_status_of_every_queue_and_drops_to_zero() {
+        let mut queues: BTreeSet<String> = ["fast".to_string()].into();
+        let indexed = counts(&[("fast", "queued", 5), ("old", "dead", 2)]);
+        let ended = counts(&[("fast", "succeeded", 7)]);
+        let v = gauge_values(&mut queues, &[&indexed, &ended]);
+        assert_eq!(v.len(), 12, "two queues × six statuses: {v:?}");
+        let get = |v: &[(String, &str, u64)], q: &str, s: &str| {
+            v.iter()
+                .find(|(vq, vs, _)| vq == q && *vs == s)
+                .map(|(_, _, n)| *n)
+        };
+        assert_eq!(get(&v, "fast", "queued"), Some(5));
+        assert_eq!(get(&v, "fast", "succeeded"), Some(7));
+        assert_eq!(get(&v, "fast", "running"), Some(0));
+        assert_eq!(get(&v, "old", "dead"), Some(2), "a queue only in the table");
+        // The backlog drained and the old queue's dead jobs were discarded: both series
+        // read 0 instead of keeping their last counts.
+        let v = gauge_values(&mut queues, &[&counts(&[]), &ended]);
+        assert_eq!(get(&v, "fast", "queued"), Some(0));
+        assert_eq!(get(&v, "old", "dead"), Some(0));
+        assert_eq!(get(&v, "fast", "succeeded"), Some(7));
     }
 }
