@@ -753,29 +753,35 @@ async fn rescue(state: &AppState) {
     }
 }
 
-/// How often the `jobs` gauge recounts succeeded and canceled jobs: a full table scan.
-const ENDED_RECOUNT: Duration = Duration::from_secs(15 * 60);
+/// The full count of ended jobs may take this share of one core: it runs again after a
+/// thousand times its own duration (every refresh while the table is small, about every
+/// ten minutes at a million jobs), and at least once an hour.
+const ENDED_RECOUNT_FACTOR: u32 = 1000;
+const ENDED_RECOUNT_MAX: Duration = Duration::from_secs(3600);
 
 /// The `jobs{queue,status}` gauge. The backlog, running and dead jobs are recounted on
-/// every refresh through their partial indexes; the ended ones (most of the table) only
-/// every [`ENDED_RECOUNT`]. Every queue gets all six statuses, zero included, so a series
-/// drops to 0 when its last job leaves that status instead of keeping its last count.
+/// every refresh through their partial indexes; the ended ones (most of the table, a full
+/// scan) as often as [`ENDED_RECOUNT_FACTOR`] allows. Every queue gets all six statuses,
+/// zero included, so a series drops to 0 when its last job leaves that status instead of
+/// keeping its last count.
 #[derive(Default)]
 struct Gauges {
     ended: q::Counts,
-    ended_at: Option<tokio::time::Instant>,
+    /// When the ended jobs are due for a recount (None: never counted).
+    ended_next: Option<tokio::time::Instant>,
     /// Every queue ever reported (configured or found in the table).
     queues: std::collections::BTreeSet<String>,
 }
 
 impl Gauges {
     async fn update(&mut self, state: &AppState) {
-        let stale = self.ended_at.is_none_or(|at| at.elapsed() >= ENDED_RECOUNT);
-        if stale {
+        let now = tokio::time::Instant::now();
+        if self.ended_next.is_none_or(|at| now >= at) {
             match state.storage.read(q::counts_ended).await {
                 Ok(ended) => {
                     self.ended = ended;
-                    self.ended_at = Some(tokio::time::Instant::now());
+                    let took = now.elapsed().saturating_mul(ENDED_RECOUNT_FACTOR);
+                    self.ended_next = Some(now + took.min(ENDED_RECOUNT_MAX));
                 }
                 Err(e) => tracing::warn!(error = %e, "counting ended jobs failed"),
             }
