@@ -226,6 +226,13 @@ const DUE_AT_PRIORITY: &str = "SELECT id FROM jobs
      WHERE queue = ?1 AND status IN ('queued', 'retrying') AND priority = ?2 AND run_at <= ?3
      ORDER BY run_at LIMIT ?4";
 
+/// Marks the waiting jobs whose ids are in the JSON array `?1` running for worker `?4`
+/// with a lease until `?3`: each id one seek of the primary key.
+const TAKE: &str = "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_until = ?3,
+            worker = ?4, started_at = ?2, finished_at = NULL, updated_at = ?2
+     WHERE id IN (SELECT value FROM json_each(?1))
+       AND (status = 'queued' OR status = 'retrying')";
+
 /// Claims up to `limit` runnable jobs of `queue` for this worker, by priority then
 /// run_at, setting running + lease + attempt; returned in claim order.
 ///
@@ -261,21 +268,24 @@ pub fn claim(
             ControlFlow::Break(())
         })
     })?;
-    let mut take = conn.prepare_cached(&format!(
-        "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_until = ?3,
-                worker = ?4, started_at = ?2, finished_at = NULL, updated_at = ?2
-         WHERE id = ?1 AND (status = 'queued' OR status = 'retrying')
-         RETURNING {JOB_COLS}"
-    ))?;
-    let mut rows = Vec::with_capacity(ids.len());
-    for id in &ids {
-        if let Some(row) = take
-            .query_row(params![id, now, lease_until, worker], job_from_row)
-            .optional()?
-        {
-            rows.push(row);
-        }
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
+    // One UPDATE for the whole claim. Every statement that fires the jobs triggers first
+    // copies each page it touches into a statement journal, so one UPDATE per job copied
+    // the same few pages once per job (≈ 40% of the claim's cost at 64 jobs).
+    let list = serde_json::Value::from(ids.clone()).to_string();
+    let mut take = conn.prepare_cached(&format!("{TAKE} RETURNING {JOB_COLS}"))?;
+    let mut rows = take
+        .query_map(params![list, now, lease_until, worker], job_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING has no defined order: put the rows back in claim order.
+    let order: std::collections::HashMap<&str, usize> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.as_str(), i))
+        .collect();
+    rows.sort_by_key(|r| order.get(r.id.as_str()).copied().unwrap_or(usize::MAX));
     Ok(rows)
 }
 
@@ -970,6 +980,11 @@ mod tests {
                 "{p}"
             );
         }
+        let p = plan(&c, TAKE);
+        assert!(
+            p.contains("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)"),
+            "{p}"
+        );
         let p = plan(&c, NEXT_PRIORITY);
         assert!(p.contains("jobs_claim (queue=? AND priority<?)"), "{p}");
         let p = plan(&c, DUE_AT_PRIORITY);
