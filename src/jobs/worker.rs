@@ -470,6 +470,40 @@ impl Record {
         billing: &crate::billing::Billing,
         now: i64,
     ) -> Result<bool, StorageError> {
+        let end = self.end();
+        let changed = q::finish(
+            c,
+            end.id,
+            end.attempt,
+            end.started_at,
+            &end.how,
+            end.progress,
+            now,
+        )?;
+        if changed {
+            self.record_usage(c, billing, now)?;
+        }
+        Ok(changed)
+    }
+
+    /// Metered plans report usage through the queue, in the transaction that records the
+    /// attempt, so a job counts once if and only if it succeeded.
+    fn record_usage(
+        &self,
+        c: &rusqlite::Connection,
+        billing: &crate::billing::Billing,
+        now: i64,
+    ) -> Result<(), StorageError> {
+        if self.status == "succeeded"
+            && self.billable
+            && let Some(uid) = &self.user_id
+        {
+            billing.record_usage_in(c, uid, &self.id, now)?;
+        }
+        Ok(())
+    }
+
+    fn end(&self) -> q::AttemptEnd<'_> {
         let how = match self.status {
             "succeeded" => Finish::Succeeded {
                 result: self.result.as_deref().unwrap_or("null"),
@@ -487,36 +521,45 @@ impl Record {
                 outcome: self.outcome,
             },
         };
-        let progress = self
-            .progress
-            .as_ref()
-            .map(|(pct, msg)| (*pct, msg.as_str()));
-        let changed = q::finish(
-            c,
-            &self.id,
-            self.attempt,
-            self.started_at,
-            &how,
-            progress,
-            now,
-        )?;
-        if changed
-            && self.status == "succeeded"
-            && self.billable
-            && let Some(uid) = &self.user_id
-        {
-            // Metered plans report usage through the queue, in this same transaction,
-            // so a job counts once if and only if it succeeded.
-            billing.record_usage_in(c, uid, &self.id, now)?;
+        q::AttemptEnd {
+            id: &self.id,
+            attempt: self.attempt,
+            started_at: self.started_at,
+            how,
+            progress: self
+                .progress
+                .as_ref()
+                .map(|(pct, msg)| (*pct, msg.as_str())),
         }
-        Ok(changed)
     }
+}
+
+/// Records a batch of attempts in one closure: [`q::finish_many`], then the usage of
+/// those that succeeded. Fails at the first error, with the record's index if known.
+fn write_records(
+    c: &rusqlite::Connection,
+    records: &[Record],
+    billing: &crate::billing::Billing,
+    now: i64,
+) -> Result<Vec<bool>, BatchError> {
+    let ends: Vec<q::AttemptEnd<'_>> = records.iter().map(Record::end).collect();
+    let changed = q::finish_many(c, &ends, now).map_err(|e| BatchError::Record(None, e))?;
+    for (i, (r, _)) in records
+        .iter()
+        .zip(&changed)
+        .enumerate()
+        .filter(|(_, (_, c))| **c)
+    {
+        r.record_usage(c, billing, now)
+            .map_err(|e| BatchError::Record(Some(i), e))?;
+    }
+    Ok(changed)
 }
 
 /// Why a batch of records was not written.
 enum BatchError {
-    /// Record `.0` failed; the batch's changes were rolled back.
-    Record(usize, StorageError),
+    /// Record `.0` (if known) failed; the batch's changes were rolled back.
+    Record(Option<usize>, StorageError),
     /// The transaction failed (commit, abort, writer gone).
     Storage(StorageError),
 }
@@ -539,24 +582,17 @@ async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunC
     let billing = state.billing.clone();
     let written = state
         .storage
-        .write(move |c| {
-            recs.iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    r.write(c, &billing, now)
-                        .map_err(|e| BatchError::Record(i, e))
-                })
-                .collect::<Result<Vec<bool>, BatchError>>()
-        })
+        .write(move |c| write_records(c, &recs, &billing, now))
         .await;
     let changed: Vec<Result<bool, StorageError>> = match written {
         Ok(changed) => changed.into_iter().map(Ok).collect(),
         Err(BatchError::Record(_, e)) if records.len() == 1 => vec![Err(e)],
         Err(BatchError::Record(i, e)) => {
-            // One job's write failed and rolled the batch back: write each again on its
-            // own (the writer gives every closure its own savepoint), so that job fails
-            // alone. The closures still share one commit.
-            tracing::warn!(job = %records[i].id, error = %e, "recording a batch of attempts failed at one job; recording them one by one");
+            // The batch's write failed and rolled back: write each again on its own (the
+            // writer gives every closure its own savepoint), so a job whose write fails
+            // fails alone. The closures still share one commit.
+            let job = i.map(|i| records[i].id.as_str()).unwrap_or("?");
+            tracing::warn!(job, error = %e, "recording a batch of attempts failed; recording them one by one");
             let billing = &state.billing;
             futures_util::future::join_all((0..records.len()).map(|i| {
                 let recs = records.clone();

@@ -426,6 +426,134 @@ pub fn finish(
     Ok(changed)
 }
 
+/// One attempt's end, for [`finish_many`].
+#[derive(Debug, Clone)]
+pub struct AttemptEnd<'a> {
+    pub id: &'a str,
+    pub attempt: u32,
+    pub started_at: Millis,
+    pub how: Finish<'a>,
+    pub progress: Option<(u8, &'a str)>,
+}
+
+/// Attempt ends per statement in [`finish_many`]; a short last chunk is padded with rows
+/// that match nothing, so there is one statement of each kind to prepare.
+const FINISH_CHUNK: usize = 16;
+/// Values per attempt end in [`finish_many_sql`]'s UPDATE and INSERT.
+const FINISH_COLS: usize = 9;
+const ATTEMPT_COLS: usize = 5;
+
+/// [`finish`] for many attempts: one UPDATE for the jobs and one INSERT for their attempt
+/// rows per [`FINISH_CHUNK`] ends, each the same as [`finish`] writes. Both statements fire
+/// triggers, and SQLite first copies every page such a statement touches into a statement
+/// journal: one statement per job copied the same few pages once per job. Returns, per
+/// end, whether it was recorded (false: the job was rescued or canceled meanwhile).
+pub fn finish_many(
+    conn: &Connection,
+    ends: &[AttemptEnd<'_>],
+    now: Millis,
+) -> Result<Vec<bool>, StorageError> {
+    use rusqlite::types::{ToSqlOutput, Value};
+    let (update_sql, insert_sql) = finish_many_sql();
+    let mut update = conn.prepare_cached(&update_sql)?;
+    let mut insert = conn.prepare_cached(&insert_sql)?;
+    let mut recorded = Vec::with_capacity(ends.len());
+    for chunk in ends.chunks(FINISH_CHUNK) {
+        let mut values: Vec<ToSqlOutput<'_>> = Vec::with_capacity(FINISH_CHUNK * FINISH_COLS + 1);
+        for e in chunk {
+            let c = e.how.columns();
+            let pct = c.pct.or(e.progress.map(|(p, _)| i64::from(p)));
+            values.extend([
+                ToSqlOutput::from(e.id),
+                ToSqlOutput::from(e.attempt),
+                ToSqlOutput::from(c.status),
+                c.result
+                    .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+                c.error
+                    .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+                c.run_at
+                    .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+                ToSqlOutput::from(c.status != "retrying"),
+                pct.map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+                e.progress
+                    .map_or(ToSqlOutput::Owned(Value::Null), |(_, m)| {
+                        ToSqlOutput::from(m)
+                    }),
+            ]);
+        }
+        values.resize_with(FINISH_CHUNK * FINISH_COLS, || {
+            ToSqlOutput::Owned(Value::Null)
+        });
+        values.push(ToSqlOutput::from(now));
+        let changed: Vec<String> = update
+            .query_map(rusqlite::params_from_iter(values), |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut attempts: Vec<ToSqlOutput<'_>> =
+            Vec::with_capacity(FINISH_CHUNK * ATTEMPT_COLS + 1);
+        for e in chunk {
+            let ok = changed.iter().any(|id| id == e.id);
+            recorded.push(ok);
+            if ok {
+                let c = e.how.columns();
+                attempts.extend([
+                    ToSqlOutput::from(e.id),
+                    ToSqlOutput::from(e.attempt),
+                    ToSqlOutput::from(e.started_at),
+                    ToSqlOutput::from(c.outcome),
+                    c.error
+                        .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
+                ]);
+            }
+        }
+        if !attempts.is_empty() {
+            attempts.resize_with(FINISH_CHUNK * ATTEMPT_COLS, || {
+                ToSqlOutput::Owned(Value::Null)
+            });
+            attempts.push(ToSqlOutput::from(now));
+            insert.execute(rusqlite::params_from_iter(attempts))?;
+        }
+    }
+    Ok(recorded)
+}
+
+/// [`finish_many`]'s UPDATE and INSERT over [`FINISH_CHUNK`] rows of values (padding rows
+/// are all NULL: their id matches no job and the INSERT skips them); `now` is the last
+/// parameter.
+fn finish_many_sql() -> (String, String) {
+    let rows = |cols: usize| {
+        (0..FINISH_CHUNK)
+            .map(|r| {
+                let vals: Vec<String> = (1..=cols).map(|c| format!("?{}", r * cols + c)).collect();
+                format!("({})", vals.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let now = FINISH_CHUNK * FINISH_COLS + 1;
+    // Columns: id, attempt, status, result, error, run_at, terminal, pct, msg.
+    let update = format!(
+        "UPDATE jobs SET status = e.column3, result = e.column4, error = e.column5,
+                run_at = COALESCE(e.column6, jobs.run_at), lease_until = NULL, worker = NULL,
+                finished_at = CASE WHEN e.column7 THEN ?{now} ELSE NULL END,
+                progress_pct = COALESCE(e.column8, jobs.progress_pct),
+                progress_msg = COALESCE(e.column9, jobs.progress_msg), updated_at = ?{now}
+         FROM (VALUES {}) AS e
+         WHERE jobs.id = e.column1 AND jobs.attempt = e.column2 AND jobs.status = 'running'
+         RETURNING jobs.id",
+        rows(FINISH_COLS)
+    );
+    let now = FINISH_CHUNK * ATTEMPT_COLS + 1;
+    // Columns: id, attempt, started_at, outcome, error.
+    let insert = format!(
+        "INSERT OR REPLACE INTO job_attempts
+             (job_id, attempt, started_at, finished_at, outcome, error)
+         SELECT column1, column2, column3, ?{now}, column4, column5
+         FROM (VALUES {}) WHERE column1 IS NOT NULL",
+        rows(ATTEMPT_COLS)
+    );
+    (update, insert)
+}
+
 fn record_attempt(
     conn: &Connection,
     id: &str,
@@ -790,11 +918,14 @@ mod tests {
     }
 
     fn job_at(c: &Connection, ms: Millis) {
-        let id = crate::ids::new_id_at(ms);
+        job_with_id(c, &crate::ids::new_id_at(ms), ms);
+    }
+
+    fn job_with_id(c: &Connection, id: &str, ms: Millis) {
         insert_job(
             c,
             &NewJob {
-                id: &id,
+                id,
                 user_id: Some("u1"),
                 kind: "demo",
                 queue: "fast",
@@ -1026,6 +1157,132 @@ mod tests {
         parts.sort();
         assert_eq!(parts, all);
         assert_eq!(all.len(), 12, "both queues in every status: {all:?}");
+    }
+
+    /// `n` jobs `j0`… of which all but the last two are running (claimed); of those two,
+    /// one was rescued and claimed again (its attempt is 2), one is still queued.
+    fn db_with_running_jobs(n: usize) -> (Connection, Vec<String>) {
+        let c = db_with_user();
+        let ids: Vec<String> = (0..n).map(|i| format!("j{i:03}")).collect();
+        for (i, id) in ids.iter().enumerate() {
+            job_with_id(&c, id, 1_700_000_000_000 + i as i64);
+        }
+        let claimed = claim(
+            &c,
+            "fast",
+            n as u32 - 1,
+            1_800_000_000_000,
+            1_800_000_060_000,
+            "w",
+        )
+        .expect("claim");
+        assert_eq!(claimed.len(), n - 1);
+        c.execute(
+            "UPDATE jobs SET attempt = 2 WHERE id = ?1",
+            params![ids[n - 2]],
+        )
+        .expect("rescued");
+        (c, ids)
+    }
+
+    /// An end for each job, cycling through every kind of end, half with progress.
+    fn ends(ids: &[String]) -> Vec<AttemptEnd<'_>> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| AttemptEnd {
+                id,
+                attempt: 1,
+                started_at: 1_800_000_000_100 + i as i64,
+                how: match i % 5 {
+                    0 => Finish::Succeeded {
+                        result: "{\"n\":1}",
+                    },
+                    1 => Finish::Retry {
+                        error: "boom",
+                        run_at: 1_900_000_000_000,
+                        outcome: "timeout",
+                    },
+                    2 => Finish::Dead {
+                        error: "gone",
+                        outcome: "dead",
+                    },
+                    3 => Finish::Canceled {
+                        error: Some("canceled"),
+                    },
+                    _ => Finish::Canceled { error: None },
+                },
+                progress: (i % 2 == 1).then_some((40 + (i % 50) as u8, "half way")),
+            })
+            .collect()
+    }
+
+    /// Every row of the tables an attempt's end writes.
+    fn dump(c: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT * FROM jobs ORDER BY id",
+            "SELECT * FROM job_attempts ORDER BY job_id, attempt",
+            "SELECT * FROM job_active",
+        ] {
+            let mut stmt = c.prepare(sql).expect("prepare");
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    (0..n)
+                        .map(|i| {
+                            r.get::<_, rusqlite::types::Value>(i)
+                                .map(|v| format!("{v:?}"))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .expect("query");
+            for row in rows {
+                out.push(row.expect("row").join("|"));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn finishing_many_at_once_writes_what_finishing_each_writes() {
+        let now = 1_800_000_005_000;
+        // One short chunk, one exact chunk, and several chunks with a short last one.
+        for n in [7, FINISH_CHUNK, 3 * FINISH_CHUNK + 5] {
+            let (one_by_one, ids) = db_with_running_jobs(n);
+            let each: Vec<bool> = ends(&ids)
+                .iter()
+                .map(|e| {
+                    finish(
+                        &one_by_one,
+                        e.id,
+                        e.attempt,
+                        e.started_at,
+                        &e.how,
+                        e.progress,
+                        now,
+                    )
+                    .expect("finish")
+                })
+                .collect();
+            let (at_once, _) = db_with_running_jobs(n);
+            let many = finish_many(&at_once, &ends(&ids), now).expect("finish_many");
+            assert_eq!(many, each);
+            assert_eq!(
+                many.iter().filter(|ok| !**ok).count(),
+                2,
+                "the rescued and the queued"
+            );
+            assert_eq!(dump(&at_once), dump(&one_by_one));
+        }
+        let (update, insert) = finish_many_sql();
+        let c = db_with_user();
+        let p = plan(&c, &update);
+        assert!(
+            p.contains("SEARCH jobs USING INDEX sqlite_autoindex_jobs_1 (id=?)"),
+            "{p}"
+        );
+        assert!(!p.contains("SCAN jobs"), "{p}");
+        plan(&c, &insert);
     }
 
     /// SQLite builds a temporary b-tree for a constant `IN` list of three or more values,
