@@ -539,16 +539,11 @@ async fn password_reset_by_mail_revokes_every_session() {
     );
     // The mail job was delivered (to the log, offline).
     let delivered = crate::common::eventually(Duration::from_secs(10), "mail delivery", || async {
-        let n: i64 = app
-            .state()
-            .storage
-            .read(|c| {
-                Ok::<i64, warpbase::storage::StorageError>(c.query_row(
-                    "SELECT COUNT(*) FROM jobs WHERE kind = 'mail' AND status = 'succeeded'",
-                    [],
-                    |r| r.get(0),
-                )?)
-            })
+        let n = app
+            .db_i64(
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'mail' AND status = 'succeeded'",
+                vec![],
+            )
             .await
             .ok()?;
         (n >= 2).then_some(n)

@@ -227,16 +227,8 @@ async fn the_same_event_fifty_times_concurrently_is_applied_once() {
     }
     assert_eq!(fresh, 1, "exactly one delivery applied the event");
     let id = ev["id"].as_str().expect("id").to_string();
-    let attempts: i64 = app
-        .state()
-        .storage
-        .read(move |c| {
-            Ok::<i64, warpbase::storage::StorageError>(c.query_row(
-                "SELECT attempts FROM stripe_events WHERE id = ?1",
-                [&id],
-                |r| r.get(0),
-            )?)
-        })
+    let attempts = app
+        .db_i64("SELECT attempts FROM stripe_events WHERE id = ?1", vec![id])
         .await
         .expect("row");
     assert_eq!(attempts, 1);

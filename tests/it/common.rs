@@ -61,6 +61,19 @@ impl TestApp {
         &self.app.state
     }
 
+    /// One integer read from the app's database (a count, a column), with `params` bound
+    /// in order.
+    pub async fn db_i64(
+        &self,
+        sql: &'static str,
+        params: Vec<String>,
+    ) -> Result<i64, warpbase::storage::StorageError> {
+        self.state()
+            .storage
+            .read(move |c| Ok(c.query_row(sql, rusqlite::params_from_iter(params), |r| r.get(0))?))
+            .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         self.app.url(path)
     }

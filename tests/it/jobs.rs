@@ -501,15 +501,7 @@ async fn concurrent_submissions_neither_overshoot_quotas_nor_duplicate_keyed_job
     assert_eq!(ids.len(), 1, "{res:?}");
     assert_eq!((created, same, conflicts), (1, 9, 10), "{res:?}");
     let jobs = app
-        .state()
-        .storage
-        .read(|c| {
-            Ok::<i64, warpbase::storage::StorageError>(c.query_row(
-                "SELECT COUNT(*) FROM jobs",
-                [],
-                |r| r.get(0),
-            )?)
-        })
+        .db_i64("SELECT COUNT(*) FROM jobs", vec![])
         .await
         .expect("count");
     assert_eq!(jobs, 11);
@@ -706,15 +698,10 @@ async fn a_thousand_jobs_on_two_queues_each_run_exactly_once() {
             .ok()?;
         let _ = r;
         let n = app
-            .state()
-            .storage
-            .read(|c| {
-                Ok::<i64, warpbase::storage::StorageError>(c.query_row(
-                    "SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'",
-                    [],
-                    |r| r.get(0),
-                )?)
-            })
+            .db_i64(
+                "SELECT COUNT(*) FROM jobs WHERE status = 'succeeded'",
+                vec![],
+            )
             .await
             .ok()?;
         (n == 1000).then_some(())

@@ -524,14 +524,7 @@ impl Env {
     }
 
     async fn sql_count(&self, sql: &'static str) -> i64 {
-        self.app
-            .state()
-            .storage
-            .read(move |c| {
-                Ok::<i64, warpbase::storage::StorageError>(c.query_row(sql, [], |r| r.get(0))?)
-            })
-            .await
-            .expect("count")
+        self.app.db_i64(sql, vec![]).await.expect("count")
     }
 }
 
