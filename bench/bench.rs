@@ -319,6 +319,8 @@ fn bench_toml(port: u16) -> String {
         r#"# Written by bench/bench.rs: offline mode, quotas and login limits out of the way.
 log_level = "warn"
 public_url = "http://127.0.0.1:{port}"
+# Benchmarks may run two servers at once; the default metrics port would collide.
+metrics_listen = "off"
 [auth]
 rate_limit = 1000000000
 [stripe]

@@ -46,7 +46,7 @@ trap cleanup EXIT
 # warpbase.toml (started in the empty data dir).
 (cd "$data_dir" && exec env -u RUST_LOG -u WARPBASE_STRIPE__SECRET_KEY \
   -u WARPBASE_STRIPE__SECRET_KEY_FILE -u WARPBASE_MAIL__SMTP_URL \
-  WARPBASE_PUBLIC_URL="$base" \
+  WARPBASE_PUBLIC_URL="$base" WARPBASE_METRICS_LISTEN=off \
   "$bin" serve --data-dir "$data_dir" --listen "127.0.0.1:$port" --log-format json \
   >"$data_dir/server.log" 2>&1) &
 server_pid=$!

@@ -94,6 +94,15 @@ where
         }
     }
 
+    /// Drops every value, for a change whose keys are unknown (one made by another
+    /// process). Loads in flight when this runs are not cached.
+    pub fn invalidate_all(&self) {
+        for e in self.epochs.iter() {
+            e.fetch_add(1, Ordering::SeqCst);
+        }
+        self.cache.invalidate_all();
+    }
+
     /// Call after the commit that changed `key`'s value.
     pub fn invalidate<Q>(&self, key: &Q)
     where
@@ -133,6 +142,22 @@ mod tests {
         let t = c.ticket("a");
         c.insert("a".into(), 2, t);
         assert_eq!(c.get("a"), Some(2));
+    }
+
+    #[test]
+    fn invalidate_all_drops_every_value_and_loads_in_flight() {
+        let c = cache();
+        let t = c.ticket("a");
+        c.insert("a".into(), 1, t);
+        let in_flight = c.ticket("b");
+        c.invalidate_all();
+        c.insert("b".into(), 2, in_flight);
+        assert_eq!(c.get("a"), None);
+        assert_eq!(
+            c.get("b"),
+            None,
+            "a load begun before the change is not cached"
+        );
     }
 
     #[test]

@@ -146,6 +146,13 @@ pub enum ConfigCommand {
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
+    // Everything warpbase writes (database, WAL, backups, secrets, uploads) is private
+    // to its user, whatever umask it was started with.
+    #[cfg(unix)]
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -420,7 +427,12 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 storage::users::set_disabled(c, id, true, now)
             })
             .await
-            .map(|()| println!("{email} is disabled; its sessions no longer work")),
+            .map(|()| {
+                println!(
+                    "{email} is disabled; its sessions and access tokens stop working \
+                     (a running server applies this within a second)"
+                )
+            }),
             UserCommand::Enable { email } => update_user(&storage, &email, move |c, id| {
                 storage::users::set_disabled(c, id, false, now)
             })

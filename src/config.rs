@@ -31,7 +31,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `tracing` env-filter syntax, e.g. `info` or `warpbase=debug,tower_http=info`.
     pub log_level: String,
-    /// Serve `/metrics` here instead of on the main listener when set.
+    /// Where `/metrics` is served: its own listener, loopback by default, never the main
+    /// one (which is often public). `"off"` (or `""`) serves no metrics at all.
+    #[serde(with = "metrics_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// Largest JSON request body.
     pub max_json_bytes: usize,
@@ -40,12 +42,15 @@ pub struct Config {
     /// How long shutdown waits for requests and jobs in flight.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// `/readyz` answers 503 while the data dir's file system has less free space; 0: off.
+    pub min_free_bytes: u64,
     pub auth: AuthConfig,
     pub mail: MailConfig,
     pub stripe: StripeConfig,
     pub billing: BillingConfig,
     pub jobs: JobsConfig,
     pub backup: BackupConfig,
+    pub retention: RetentionConfig,
 }
 
 impl Default for Config {
@@ -57,16 +62,18 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             log_format: LogFormat::Auto,
             log_level: "info".into(),
-            metrics_listen: None,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             max_json_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(20),
+            min_free_bytes: 64 * 1024 * 1024,
             auth: AuthConfig::default(),
             mail: MailConfig::default(),
             stripe: StripeConfig::default(),
             billing: BillingConfig::default(),
             jobs: JobsConfig::default(),
             backup: BackupConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -386,6 +393,40 @@ impl Default for BackupConfig {
     }
 }
 
+/// How long rows nobody needs any more are kept before the periodic task deletes them;
+/// 0 keeps them forever. (Finished jobs: `jobs.retention`.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Sessions, counted from when they were revoked or their refresh token expired.
+    #[serde(with = "duration")]
+    pub sessions: Duration,
+    /// Rotated refresh-token hashes (reuse detection), from their rotation. At least
+    /// `auth.refresh_ttl`: an older rotated token has expired anyway.
+    #[serde(with = "duration")]
+    pub refresh_history: Duration,
+    /// Security audit entries.
+    #[serde(with = "duration")]
+    pub audit_log: Duration,
+    /// Processed Stripe events (applied, ignored, stale), from when they were processed.
+    /// Failed events are kept until replayed. At least 7 days: Stripe redelivers for 3,
+    /// and the recorded id is what makes a redelivery a no-op.
+    #[serde(with = "duration")]
+    pub stripe_events: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        RetentionConfig {
+            sessions: Duration::from_secs(30 * DAY),
+            refresh_history: Duration::from_secs(30 * DAY),
+            audit_log: Duration::from_secs(365 * DAY),
+            stripe_events: Duration::from_secs(90 * DAY),
+        }
+    }
+}
+
 /// A secret string: `Debug`, `Display` and `Serialize` show `[redacted]` (or `""` if empty).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
@@ -474,6 +515,33 @@ fn split_list(s: &str) -> Vec<String> {
         .filter(|x| !x.is_empty())
         .map(String::from)
         .collect()
+}
+
+/// `metrics_listen`: an address, or `"off"`/`""` for none (so env and TOML can turn the
+/// listener off explicitly; a missing key keeps the default).
+mod metrics_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim() {
+            "" | "off" => Ok(None),
+            t => t.parse().map(Some).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid address {t:?}: {e} (try \"127.0.0.1:9090\", or \"off\")"
+                ))
+            }),
+        }
+    }
 }
 
 /// Durations as humantime text (`"15m"`, `"7d"`, `"250ms"`) or integer seconds.
@@ -623,11 +691,52 @@ impl Config {
         if !self.backup.interval.is_zero() && self.backup.keep == 0 {
             return bad("backup.keep must be at least 1 when backup.interval is set".into());
         }
+        self.check_stripe().map_err(ConfigError::Invalid)?;
+        if let Some(m) = self.metrics_listen
+            && m.port() != 0
+            && m == self.listen
+        {
+            return bad(format!(
+                "metrics_listen ({m}) must differ from listen: metrics get a listener of \
+                 their own (\"off\" disables them)"
+            ));
+        }
+        let r = &self.retention;
+        if !r.refresh_history.is_zero() && r.refresh_history < self.auth.refresh_ttl {
+            return bad(format!(
+                "retention.refresh_history ({}) must be 0 or at least auth.refresh_ttl ({}): \
+                 reuse of a rotated token must stay detectable while it could still be valid",
+                humantime::format_duration(r.refresh_history),
+                humantime::format_duration(self.auth.refresh_ttl)
+            ));
+        }
+        if !r.stripe_events.is_zero() && r.stripe_events < Duration::from_secs(7 * 24 * 3600) {
+            return bad(
+                "retention.stripe_events must be 0 or at least 7d: Stripe redelivers events \
+                 for 3 days and a recorded id is what makes a redelivery a no-op"
+                    .into(),
+            );
+        }
         let mut seen = std::collections::HashSet::new();
         for p in &self.billing.plans {
             if !seen.insert(p.id.as_str()) {
                 return bad(format!("billing.plans: plan id {:?} appears twice", p.id));
             }
+        }
+        Ok(())
+    }
+
+    /// Stripe mode needs a webhook secret: without one no delivery could ever verify, and
+    /// every subscription would silently stay unpaid. Also checked by `App::build`, for
+    /// configs not made by [`Config::load`].
+    pub fn check_stripe(&self) -> Result<(), String> {
+        if !self.stripe.offline() && self.stripe.webhook_secrets.iter().all(Secret::is_empty) {
+            return Err(
+                "stripe.webhook_secrets is empty but stripe.secret_key is set: no webhook from \
+                 Stripe could ever be verified; add the endpoint's signing secret (whsec_...) \
+                 from the Stripe dashboard or `stripe listen`"
+                    .into(),
+            );
         }
         Ok(())
     }

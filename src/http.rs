@@ -30,9 +30,8 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
     let timeout = state.config.request_timeout;
     let json_limit = state.config.max_json_bytes;
-    let metrics_inline = state.config.metrics_listen.is_none();
     let app = Router::new()
-        .merge(crate::ops::router(metrics_inline))
+        .merge(crate::ops::router())
         .merge(crate::auth::routes::router())
         .merge(crate::billing::routes::router())
         .merge(crate::jobs::routes::router())

@@ -71,6 +71,18 @@ impl App {
         secrets::create_private_dir(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let lock = storage::InstanceLock::acquire(&data_dir).map_err(anyhow::Error::msg)?;
+        config.check_stripe().map_err(anyhow::Error::msg)?;
+        for (path, old, new) in secrets::tighten_data_dir(&data_dir).map_err(anyhow::Error::msg)? {
+            tracing::warn!(
+                "{} was mode {old:o}, open to other users; changed it to {new:o}",
+                path.display()
+            );
+        }
+        match secrets::clear_scratch(&data_dir.join("tmp")) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "cleared scratch files left by an earlier run"),
+            Err(e) => tracing::warn!(error = %e, "cannot clear {}", data_dir.join("tmp").display()),
+        }
         let jwt_secret = match &config.auth.jwt_secret {
             Some(s) if !s.is_empty() => s.expose().to_string(),
             _ => secrets::load_or_generate(&data_dir, "jwt.key", "")
@@ -172,6 +184,7 @@ impl App {
 
         jobs::worker::start(&state);
         ops::backup::start(&state);
+        auth::epoch::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
         let server = tokio::spawn(
@@ -203,6 +216,20 @@ impl App {
             },
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        // After the "listening" line, which tests and scripts wait for.
+        match auth::service::prepare_admin_setup(&state).await {
+            Ok(Some(token)) => tracing::warn!(
+                setup_token = %token,
+                "no admin account yet. Sign in (or register) and claim admin with this one-time \
+                 token: curl -X POST {}/api/v1/admin/claim -H 'authorization: Bearer <access \
+                 token>' -H 'content-type: application/json' -d '{{\"token\":\"{token}\"}}'. \
+                 Or run `warpbase user create EMAIL --admin` or `warpbase user promote EMAIL`. \
+                 A restart replaces the token",
+                state.config.public_base()
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot prepare the admin setup token"),
+        }
 
         tokio::select! {
             _ = shutdown => {}

@@ -52,6 +52,7 @@ pub fn api_doc() -> Document {
         crate::auth::routes::revoke_session,
         crate::auth::routes::me,
         crate::auth::routes::admin_users,
+        crate::auth::routes::admin_claim,
         // OAuth (src/auth/oauth_flow.rs, another branch): when it merges, move each
         // attribute onto its handler and point these entries at the handlers.
         oauth_routes::providers,

@@ -51,6 +51,72 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Makes an existing data dir private: the dir itself 0700 and the database files 0600
+/// (a dir made by hand or an older version is often 0755 with a 0644 database, which
+/// lets every local user read the password hashes). Returns what it changed, as
+/// `(path, old mode, new mode)`; a failure to change is an error naming the path.
+pub fn tighten_data_dir(dir: &Path) -> Result<Vec<(std::path::PathBuf, u32, u32)>, String> {
+    let mut changed = Vec::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let db = dir.join(crate::storage::DB_FILE);
+        let mut targets = vec![(dir.to_path_buf(), 0o700)];
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = db.clone().into_os_string();
+            name.push(suffix);
+            targets.push((name.into(), 0o600));
+        }
+        for (path, want) in targets {
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(format!("cannot read the mode of {}: {e}", path.display())),
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            // Only take away access of group and others; never add any.
+            let new = mode & want;
+            if new != mode {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(new)).map_err(
+                    |e| {
+                        format!(
+                            "{} is mode {mode:o}, readable by other users, and cannot be made \
+                             {new:o}: {e}",
+                            path.display()
+                        )
+                    },
+                )?;
+                changed.push((path, mode, new));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(changed)
+}
+
+/// Empties the scratch dir (`data_dir/tmp`): whatever is there was left by a process that
+/// died mid-job (kill -9 during an `analyze`). Only called under the instance lock.
+pub fn clear_scratch(dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut n = 0;
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);

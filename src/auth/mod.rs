@@ -7,6 +7,7 @@
 //! not touched on a warm request.
 
 pub mod client_ip;
+pub mod epoch;
 pub mod extract;
 pub mod mail;
 pub mod oauth;
@@ -357,6 +358,14 @@ impl Auth {
     pub async fn invalidate_user(&self, user_id: &str) {
         self.inner.user_states.invalidate(user_id);
         self.inner.profiles.invalidate(user_id);
+    }
+
+    /// Forget every cached user, session and profile: another process (the `warpbase
+    /// user` CLI) changed users, and which ones is not known here.
+    pub fn invalidate_all(&self) {
+        self.inner.user_states.invalidate_all();
+        self.inner.sessions.invalidate_all();
+        self.inner.profiles.invalidate_all();
     }
 
     /// Forget cached liveness after a commit revoked these sessions.

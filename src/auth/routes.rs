@@ -53,6 +53,7 @@ pub fn router() -> Router<AppState> {
             delete(unlink_identity),
         )
         .route("/api/v1/admin/users", get(admin_users))
+        .route("/api/v1/admin/claim", post(admin_claim))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -502,6 +503,30 @@ async fn admin_users(
         items.push(UserView::build(&state, r).await?);
     }
     Ok(Json(json!({ "items": items, "next_cursor": next })))
+}
+
+/// The one-time admin setup token from the start-up log.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ClaimBody {
+    token: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/claim", tag = "admin", security(("bearer" = [])),
+    request_body = ClaimBody,
+    responses((status = 204, description = "The caller is now an admin; the token is used up"),
+        (status = 400, description = "`invalid_grant`: wrong or used token, or an admin exists already; malformed JSON"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`")))]
+async fn admin_claim(
+    State(state): State<AppState>,
+    ClientInfo(client): ClientInfo,
+    AuthUser(p): AuthUser,
+    Json(b): Json<ClaimBody>,
+) -> ApiResult<StatusCode> {
+    service::claim_admin(&state, &p, &client, &b.token).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn oauth_providers(State(state): State<AppState>) -> Json<Value> {

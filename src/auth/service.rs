@@ -538,6 +538,46 @@ pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError
     Ok(())
 }
 
+/// While no admin exists: stores a new one-time setup token and returns it, for the
+/// start-up log (a restart replaces it). None once an admin exists.
+pub async fn prepare_admin_setup(state: &AppState) -> Result<Option<String>, StorageError> {
+    let token = random_token();
+    let hash = hex::encode(hash_token(&token));
+    let now = state.now_millis();
+    let stored = state
+        .storage
+        .write(move |c| users::prepare_admin_setup(c, &hash, now))
+        .await?;
+    Ok(stored.then_some(token))
+}
+
+/// `POST /api/v1/admin/claim`: the signed-in caller becomes the first admin with the
+/// setup token from the start-up log. The token works once, and only while no admin
+/// exists; otherwise `invalid_grant`.
+pub async fn claim_admin(
+    state: &AppState,
+    who: &Principal,
+    client: &Client,
+    token: &str,
+) -> Result<(), AuthError> {
+    let hash = hex::encode(hash_token(token));
+    let now = state.now_millis();
+    let uid = who.user_id.clone();
+    let client = client.clone();
+    state
+        .storage
+        .write(move |c| {
+            if !users::claim_admin(c, &uid, &hash, now)? {
+                return Err(AuthError::InvalidGrant);
+            }
+            audit(c, Some(&uid), "admin_claimed", &client, None, now)?;
+            Ok::<_, AuthError>(())
+        })
+        .await?;
+    state.auth.invalidate_user(&who.user_id).await;
+    Ok(())
+}
+
 pub async fn revoke_session(
     state: &AppState,
     who: &Principal,

@@ -38,6 +38,10 @@ pub enum BillingError {
     InvalidSignature(String),
     #[error("{0}")]
     Invalid(String),
+    /// A correctly signed webhook body that is not a Stripe event (not JSON, no id/type):
+    /// 400, as for any malformed request, and not recorded.
+    #[error("{0}")]
+    NotAnEvent(String),
     #[error("you already have an active subscription; use the billing portal to change plans")]
     AlreadySubscribed,
     #[error("{0}")]
@@ -60,6 +64,7 @@ impl From<BillingError> for ApiError {
                 ApiError::new(S::BAD_REQUEST, "invalid_signature", e.to_string())
             }
             BillingError::Invalid(m) => ApiError::invalid_input(m),
+            BillingError::NotAnEvent(m) => ApiError::bad_request(m),
             BillingError::AlreadySubscribed => {
                 ApiError::conflict("already_subscribed", e.to_string())
             }

@@ -195,7 +195,7 @@ async fn portal(State(state): State<AppState>, AuthUser(p): AuthUser) -> ApiResu
     params(("Stripe-Signature" = String, Header, description = "Stripe's signature of the raw body (300 s tolerance)")),
     request_body(content = serde_json::Value, content_type = "application/json", description = "A raw Stripe event"),
     responses((status = 200, description = "Recorded (and applied, ignored or stale)", body = crate::openapi::WebhookReceipt),
-        (status = 400, description = "`invalid_signature`: bad, missing or expired signature"),
+        (status = 400, description = "`invalid_signature`: bad, missing or expired signature; `invalid_input`: signed, but not a Stripe event (not JSON, no id or type)"),
         (status = 413, description = "`payload_too_large`"),
         (status = 500, description = "`internal`: applying failed and was rolled back; Stripe retries")))]
 async fn webhook(

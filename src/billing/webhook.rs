@@ -44,9 +44,9 @@ impl Billing {
         // Valid JSON is valid UTF-8, so this refuses nothing that could be an event, and
         // lets the payload be stored as the exact text that was signed.
         let text = std::str::from_utf8(body)
-            .map_err(|e| BillingError::Invalid(format!("the body is not JSON: {e}")))?;
-        let delivery =
-            StripeEvent::read_delivery(text).map_err(|e| BillingError::Invalid(e.to_string()))?;
+            .map_err(|e| BillingError::NotAnEvent(format!("the body is not JSON: {e}")))?;
+        let delivery = StripeEvent::read_delivery(text)
+            .map_err(|e| BillingError::NotAnEvent(e.to_string()))?;
         let raw: Arc<str> = Arc::from(text);
         let (ty, processed) = match delivery {
             Delivery::Event(event) => {

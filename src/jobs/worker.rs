@@ -876,6 +876,9 @@ async fn run_periodic(state: &AppState) {
             tracing::warn!(error = %e, "purging expired tokens failed");
         }
     }
+    if due(state, "retention", HOUR).await {
+        crate::ops::retention::run(state).await;
+    }
     if due(state, "billing.reconcile", 24 * HOUR).await {
         match state.billing.sync_all().await {
             Ok(r) => tracing::info!(

@@ -2,6 +2,7 @@
 //! scheduled backups.
 
 pub mod backup;
+pub mod retention;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -65,23 +66,22 @@ impl Metrics {
     }
 }
 
-pub fn router(with_metrics: bool) -> Router<AppState> {
-    let r = Router::new()
+pub fn router() -> Router<AppState> {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/api/v1/openapi.json", get(openapi_json));
-    if with_metrics {
-        r.route("/metrics", get(metrics_text))
-    } else {
+        .route("/api/v1/openapi.json", get(openapi_json))
         // Not the web UI's fallback page: a scraper pointed at the wrong port should see
-        // a clear 404, and the main listener must not reveal the metrics.
-        r.route(
+        // a clear 404, and the main listener (often public) must not reveal the metrics.
+        .route(
             "/metrics",
             get(|| async {
-                ApiError::not_found("metrics are served on the metrics_listen address only")
+                ApiError::not_found(
+                    "metrics are served on the metrics_listen address only (default \
+                     127.0.0.1:9090)",
+                )
             }),
         )
-    }
 }
 
 /// A router with only `/metrics`, for `metrics_listen`.
@@ -97,16 +97,22 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 when migrations are applied and the writer commits; 503 otherwise.
+/// 200 when migrations are applied and writes are durable (a probe write commits, the
+/// last commit did not fail, free space is above `min_free_bytes`); 503 otherwise.
 #[utoipa::path(get, path = "/readyz", tag = "ops",
-    responses((status = 200, description = "`ready`: migrations applied and the database writable", content_type = "text/plain", body = String),
-        (status = 503, description = "`unavailable`: starting, stopping, or the database is not writable")))]
+    responses((status = 200, description = "`ready`: migrations applied and the database takes durable writes", content_type = "text/plain", body = String),
+        (status = 503, description = "`unavailable`: starting, stopping, the database is not writable, a commit failed, or free disk space is below `min_free_bytes`")))]
 async fn readyz(State(state): State<AppState>) -> Response {
     if !state.is_ready() {
         return ApiError::unavailable("starting up or shutting down").into_response();
     }
-    match tokio::time::timeout(Duration::from_secs(2), state.storage.ping_writer()).await {
+    let floor = state.config.min_free_bytes;
+    match tokio::time::timeout(Duration::from_secs(2), state.storage.ping_writer(floor)).await {
         Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e @ crate::storage::StorageError::LowDiskSpace { .. })) => {
+            tracing::warn!(error = %e, "readiness: low on disk space");
+            ApiError::unavailable("the disk holding the database is (nearly) full").into_response()
+        }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "readiness: writer failed");
             ApiError::unavailable("the database is not writable").into_response()
@@ -116,7 +122,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "ops",
-    responses((status = 200, description = "Prometheus text format (served here unless `metrics_listen` is set)", content_type = "text/plain; version=0.0.4", body = String)))]
+    responses((status = 200, description = "Prometheus text format, on the `metrics_listen` address only (default 127.0.0.1:9090; the main listener answers 404)", content_type = "text/plain; version=0.0.4", body = String)))]
 async fn metrics_text(State(state): State<AppState>) -> Response {
     (
         [(

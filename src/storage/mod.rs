@@ -9,6 +9,7 @@ pub mod auth;
 pub mod billing;
 pub mod jobs;
 pub mod migrate;
+pub mod retention;
 pub mod users;
 mod writer;
 
@@ -49,6 +50,8 @@ pub enum StorageError {
     Corrupt(String),
     #[error("file system: {0}")]
     Io(String),
+    #[error("only {free} bytes free in {dir}, below min_free_bytes ({floor})")]
+    LowDiskSpace { dir: String, free: u64, floor: u64 },
 }
 
 /// The SQLite failures callers branch on.
@@ -85,6 +88,7 @@ impl StorageError {
                 | StorageError::Pool(_)
                 | StorageError::Aborted
                 | StorageError::Io(_)
+                | StorageError::LowDiskSpace { .. }
         )
     }
 }
@@ -146,7 +150,11 @@ impl Storage {
         let path = data_dir.join(DB_FILE);
         let mut conn = open_writer_conn(&path)?;
         migrate::apply(&mut conn)?;
-        let (writer, handle) = Writer::spawn(conn).map_err(|e| StorageError::Sqlite {
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| data_dir.to_path_buf());
+        let (writer, handle) = Writer::spawn(conn, dir).map_err(|e| StorageError::Sqlite {
             kind: SqliteKind::Unavailable,
             message: format!("cannot start writer thread: {e}"),
         })?;
@@ -214,10 +222,11 @@ impl Storage {
         self.inner.writer.stats()
     }
 
-    /// The readiness probe: `Ok` if the writer answers and the database can grow (see
-    /// [`Writer::probe`]); a full disk or a read-only database makes it fail.
-    pub async fn ping_writer(&self) -> Result<(), StorageError> {
-        self.inner.writer.probe().await
+    /// The readiness probe: `Ok` if the writer answers, the file system has
+    /// `min_free_bytes` free and a probe write commits (see [`Writer::probe`]); a full
+    /// disk, a read-only database or a commit that just failed makes it fail.
+    pub async fn ping_writer(&self, min_free_bytes: u64) -> Result<(), StorageError> {
+        self.inner.writer.probe(min_free_bytes).await
     }
 
     /// Finishes queued writes, checkpoints the WAL and stops the writer thread.
@@ -295,8 +304,21 @@ fn tune_statements(conn: &Conn) -> rusqlite::Result<()> {
 }
 
 /// Copies the database at `src` into a new file `dest` from one consistent snapshot, and
-/// flushes it to disk (`VACUUM INTO` itself does not sync its output).
+/// flushes it to disk (`VACUUM INTO` itself does not sync its output). `dest` is created
+/// empty with mode 0600 first (`VACUUM INTO` accepts an empty file), so the copy of every
+/// password hash and session is never readable by other users, whatever the umask.
 pub fn backup_file(src: &Path, dest: &Path) -> Result<(), StorageError> {
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        opts.open(dest)
+            .map_err(|e| StorageError::Io(format!("cannot create {}: {e}", dest.display())))?;
+    }
     let conn = Conn::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.execute("VACUUM INTO ?1", [dest.to_string_lossy().as_ref()])?;

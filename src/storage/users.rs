@@ -40,22 +40,16 @@ pub struct NewUser<'a> {
     pub email_verified: bool,
     pub name: Option<&'a str>,
     pub password_hash: Option<&'a str>,
-    /// `None`: admin if this is the first user, else user.
+    /// `None`: `user`. No account becomes admin by being first (that raced on a fresh
+    /// public instance); see [`claim_admin`] and `warpbase user create --admin`.
     pub role: Option<&'a str>,
     pub now: Millis,
 }
 
-/// Inserts a user; the first user ever becomes admin unless a role is given.
+/// Inserts a user, with role `user` unless a role is given.
 /// A duplicate email is a unique violation (`StorageError::is_unique_violation`).
 pub fn insert_user(conn: &Connection, u: &NewUser<'_>) -> Result<UserRow, StorageError> {
-    let role = match u.role {
-        Some(r) => r.to_string(),
-        None => {
-            let any: bool =
-                conn.query_row("SELECT EXISTS(SELECT 1 FROM users)", [], |r| r.get(0))?;
-            if any { "user" } else { "admin" }.to_string()
-        }
-    };
+    let role = u.role.unwrap_or("user");
     conn.execute(
         "INSERT INTO users (id, email, email_verified, name, password_hash, role, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
@@ -97,16 +91,101 @@ pub fn list_users(
     Ok(rows)
 }
 
+/// The `meta` key holding the SHA-256 (hex) of the one-time admin setup token, present
+/// only while no admin exists.
+pub const ADMIN_SETUP_KEY: &str = "admin.setup_token";
+
+pub fn any_admin(conn: &Connection) -> Result<bool, StorageError> {
+    Ok(conn.query_row(
+        "SELECT EXISTS(SELECT 1 FROM users WHERE role = 'admin')",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+/// Stores a fresh setup token hash if no admin exists (replacing an earlier one), or
+/// removes a stale one; true if a token was stored.
+pub fn prepare_admin_setup(
+    conn: &Connection,
+    hash_hex: &str,
+    now: Millis,
+) -> Result<bool, StorageError> {
+    if any_admin(conn)? {
+        conn.execute("DELETE FROM meta WHERE key = ?1", [ADMIN_SETUP_KEY])?;
+        return Ok(false);
+    }
+    conn.execute(
+        "INSERT INTO meta (key, value, updated_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        params![ADMIN_SETUP_KEY, hash_hex, now],
+    )?;
+    Ok(true)
+}
+
+/// Makes `user_id` admin if `hash_hex` is the stored setup token's and still no admin
+/// exists; the token is burned either way it is used. False: no such token (wrong, used,
+/// or an admin already exists).
+pub fn claim_admin(
+    conn: &Connection,
+    user_id: &str,
+    hash_hex: &str,
+    now: Millis,
+) -> Result<bool, StorageError> {
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            [ADMIN_SETUP_KEY],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if stored.as_deref() != Some(hash_hex) {
+        return Ok(false);
+    }
+    conn.execute("DELETE FROM meta WHERE key = ?1", [ADMIN_SETUP_KEY])?;
+    if any_admin(conn)? {
+        return Ok(false);
+    }
+    set_role(conn, user_id, "admin", now)
+}
+
+/// The `meta` key counting changes to users' role or disabled flag: a running server
+/// watches it, so a change made by another process (the CLI) applies within a second
+/// instead of when its caches expire.
+pub const AUTH_EPOCH_KEY: &str = "auth.epoch";
+
+fn bump_auth_epoch(conn: &Connection, now: Millis) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO meta (key, value, updated_at) VALUES (?1, '1', ?2)
+         ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1,
+             updated_at = excluded.updated_at",
+        params![AUTH_EPOCH_KEY, now],
+    )?;
+    Ok(())
+}
+
+/// The current [`AUTH_EPOCH_KEY`] (0 before any change).
+pub fn auth_epoch(conn: &Connection) -> Result<i64, StorageError> {
+    Ok(conn
+        .prepare_cached("SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1")?
+        .query_row([AUTH_EPOCH_KEY], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
 pub fn set_role(
     conn: &Connection,
     id: &str,
     role: &str,
     now: Millis,
 ) -> Result<bool, StorageError> {
-    Ok(conn.execute(
+    let changed = conn.execute(
         "UPDATE users SET role = ?2, updated_at = ?3 WHERE id = ?1",
         params![id, role, now],
-    )? == 1)
+    )? == 1;
+    if changed {
+        bump_auth_epoch(conn, now)?;
+    }
+    Ok(changed)
 }
 
 /// Disables or enables a user; disabling also bumps token_version so every token dies.
@@ -116,12 +195,16 @@ pub fn set_disabled(
     disabled: bool,
     now: Millis,
 ) -> Result<bool, StorageError> {
-    Ok(conn.execute(
+    let changed = conn.execute(
         "UPDATE users SET disabled = ?2, updated_at = ?3,
              token_version = token_version + (CASE WHEN ?2 THEN 1 ELSE 0 END)
          WHERE id = ?1",
         params![id, disabled, now],
-    )? == 1)
+    )? == 1;
+    if changed {
+        bump_auth_epoch(conn, now)?;
+    }
+    Ok(changed)
 }
 
 /// Invalidates every access token of the user (they carry the old version).

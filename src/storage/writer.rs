@@ -9,9 +9,10 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
@@ -63,8 +64,9 @@ where
 
 enum Command {
     Write(Box<dyn WriteJob>),
-    /// Readiness probe: run alone, in its own transaction, after the current batch.
-    Probe(oneshot::Sender<Result<(), StorageError>>),
+    /// Readiness probe: run alone, in its own transaction, after the current batch; the
+    /// number is the free-space floor in bytes (0: not checked).
+    Probe(oneshot::Sender<Result<(), StorageError>>, u64),
     /// Checkpoint the WAL into the main file and stop; sent on shutdown.
     Close(oneshot::Sender<Result<(), StorageError>>),
 }
@@ -77,6 +79,54 @@ const MAX_BATCH: usize = 1024;
 pub struct Writer {
     tx: mpsc::Sender<Command>,
     stats: Arc<Counters>,
+    health: Arc<Health>,
+}
+
+/// How long a probe's outcome answers readiness: a probe storm costs at most one commit
+/// per second.
+const PROBE_CACHE: Duration = Duration::from_secs(1);
+
+/// Whether the writer's commits are landing, for readiness.
+#[derive(Default)]
+struct Health {
+    /// Set by the writer thread when a transaction fails to commit, cleared by the next
+    /// one that commits (a probe commits too).
+    failing: AtomicBool,
+    last_error: Mutex<Option<StorageError>>,
+    /// The last probe's outcome and when it was taken.
+    last_probe: Mutex<Option<(Instant, Result<(), StorageError>)>>,
+}
+
+impl Health {
+    fn record(&self, outcome: Result<(), &StorageError>) {
+        match outcome {
+            Ok(()) => {
+                if self.failing.load(Ordering::Acquire) {
+                    self.failing.store(false, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                if let Ok(mut last) = self.last_error.lock() {
+                    *last = Some(e.clone());
+                }
+                self.failing.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// The commit error that makes the writer unhealthy, if the last commit failed.
+    fn failure(&self) -> Option<StorageError> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        Some(
+            self.last_error
+                .lock()
+                .ok()
+                .and_then(|e| e.clone())
+                .unwrap_or(StorageError::Aborted),
+        )
+    }
 }
 
 #[derive(Default)]
@@ -96,16 +146,20 @@ pub struct WriterStats {
 
 impl Writer {
     /// Starts the writer thread on `conn`, which must already be configured (WAL, FULL sync).
+    /// `dir` is the directory of the database file, whose free space the probe checks.
     pub(super) fn spawn(
         conn: Connection,
+        dir: PathBuf,
     ) -> std::io::Result<(Writer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(8192);
         let stats = Arc::new(Counters::default());
+        let health = Arc::new(Health::default());
         let counters = stats.clone();
+        let h = health.clone();
         let handle = std::thread::Builder::new()
             .name("warpbase-writer".into())
-            .spawn(move || run(conn, rx, &counters))?;
-        Ok((Writer { tx, stats }, handle))
+            .spawn(move || run(conn, rx, &counters, &h, &dir))?;
+        Ok((Writer { tx, stats, health }, handle))
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -139,17 +193,38 @@ impl Writer {
         rx.await.map_err(|_| E::from(StorageError::WriterGone))?
     }
 
-    /// Checks that the database can take a write that needs new pages: allocates a few in
-    /// a transaction of its own and rolls it back. Fails on a full disk, a database at its
-    /// size limit or a read-only file, where a bare `BEGIN`/`COMMIT` would still succeed.
-    /// Running alone means a failing probe never aborts anyone else's writes.
-    pub async fn probe(&self) -> Result<(), StorageError> {
+    /// Checks that the database takes durable writes: the free space of its file system
+    /// is at least `min_free_bytes`, a write that needs new pages fits (allocated in a
+    /// savepoint that is rolled back), and a small upsert commits, fsync included. Runs in
+    /// a transaction of its own, so a failing probe never aborts anyone else's writes.
+    ///
+    /// The outcome is reused for a second; but after any commit fails, the probe fails
+    /// until a commit (this probe's or anyone's) succeeds again.
+    pub async fn probe(&self, min_free_bytes: u64) -> Result<(), StorageError> {
+        let cached = self
+            .health
+            .last_probe
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .filter(|(at, _)| at.elapsed() < PROBE_CACHE);
+        if let Some((_, result)) = cached {
+            result?;
+            return match self.health.failure() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            };
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Command::Probe(tx))
+            .send(Command::Probe(tx, min_free_bytes))
             .await
             .map_err(|_| StorageError::WriterGone)?;
-        rx.await.map_err(|_| StorageError::WriterGone)?
+        let result = rx.await.map_err(|_| StorageError::WriterGone)?;
+        if let Ok(mut last) = self.health.last_probe.lock() {
+            *last = Some((Instant::now(), result.clone()));
+        }
+        result
     }
 
     /// Asks the writer to finish queued writes, checkpoint the WAL and exit.
@@ -163,7 +238,13 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, stats: &Counters) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Command>,
+    stats: &Counters,
+    health: &Health,
+    dir: &Path,
+) {
     let mut batch: VecDeque<Box<dyn WriteJob>> = VecDeque::with_capacity(MAX_BATCH);
     loop {
         let Some(first) = rx.blocking_recv() else {
@@ -176,13 +257,13 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, stats: &Counters) 
         let mut probes = Vec::new();
         match first {
             Command::Write(job) => batch.push_back(job),
-            Command::Probe(reply) => probes.push(reply),
+            Command::Probe(reply, floor) => probes.push((reply, floor)),
             Command::Close(reply) => close = Some(reply),
         }
         while close.is_none() && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Command::Write(job)) => batch.push_back(job),
-                Ok(Command::Probe(reply)) => probes.push(reply),
+                Ok(Command::Probe(reply, floor)) => probes.push((reply, floor)),
                 Ok(Command::Close(reply)) => close = Some(reply),
                 Err(_) => break,
             }
@@ -193,43 +274,100 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Command>, stats: &Counters) 
             while let Ok(cmd) = rx.try_recv() {
                 match cmd {
                     Command::Write(job) => batch.push_back(job),
-                    Command::Probe(p) => probes.push(p),
+                    Command::Probe(p, floor) => probes.push((p, floor)),
                     Command::Close(_) => {}
                 }
             }
-            commit_all(&mut conn, &mut batch, stats);
-            answer_probes(&mut conn, probes);
+            commit_all(&mut conn, &mut batch, stats, health);
+            answer_probes(&mut conn, probes, health, dir);
             let _ = reply.send(checkpoint(&conn));
             return;
         }
-        commit_all(&mut conn, &mut batch, stats);
-        answer_probes(&mut conn, probes);
+        commit_all(&mut conn, &mut batch, stats, health);
+        answer_probes(&mut conn, probes, health, dir);
     }
 }
 
 /// Bytes the readiness probe inserts: more than a page, so it needs fresh pages.
 const PROBE_BYTES: i64 = 16 * 1024;
 
-fn answer_probes(conn: &mut Connection, probes: Vec<oneshot::Sender<Result<(), StorageError>>>) {
-    if probes.is_empty() {
+type ProbeReply = (oneshot::Sender<Result<(), StorageError>>, u64);
+
+fn answer_probes(conn: &mut Connection, probes: Vec<ProbeReply>, health: &Health, dir: &Path) {
+    let Some(floor) = probes.iter().map(|(_, f)| *f).max() else {
         return;
+    };
+    let result = probe(conn, dir, floor);
+    match &result {
+        // Low space is not a failed commit: nothing was attempted.
+        Err(StorageError::LowDiskSpace { .. }) => {}
+        r => health.record(r.as_ref().map(|_| ())),
     }
-    let result = probe(conn);
-    for p in probes {
+    for (p, _) in probes {
         let _ = p.send(result.clone());
     }
 }
 
-fn probe(conn: &mut Connection) -> Result<(), StorageError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+fn probe(conn: &mut Connection, dir: &Path, min_free_bytes: u64) -> Result<(), StorageError> {
+    if min_free_bytes > 0
+        && let Some(free) = free_bytes(dir)
+        && free < min_free_bytes
+    {
+        return Err(StorageError::LowDiskSpace {
+            dir: dir.display().to_string(),
+            free,
+            floor: min_free_bytes,
+        });
+    }
+    let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        // Pages that must be new: fails at a size limit where an update in place would
+        // not. Rolled back, so the probe never grows the file.
+        let sp = tx.savepoint()?;
+        sp.execute(
+            "INSERT INTO meta (key, value, updated_at) VALUES ('ready_probe_grow', zeroblob(?1), 0)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [PROBE_BYTES],
+        )?;
+        drop(sp);
+    }
+    if tx.is_autocommit() {
+        return Err(StorageError::Aborted);
+    }
+    // One small row rewritten and committed: the WAL append and fsync of a real write.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     tx.execute(
-        "INSERT INTO meta (key, value, updated_at) VALUES ('ready_probe', zeroblob(?1), 0)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [PROBE_BYTES],
+        "INSERT INTO meta (key, value, updated_at) VALUES ('ready_probe', 'ok', ?1)
+         ON CONFLICT(key) DO UPDATE SET updated_at = excluded.updated_at",
+        [now],
     )?;
-    // Dropping the transaction rolls it back (also fine if SQLite already did).
-    drop(tx);
+    tx.commit()?;
     Ok(())
+}
+
+/// Bytes available to this (unprivileged) process on the file system holding `dir`;
+/// `None` where that cannot be asked.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: statvfs writes into the zeroed struct we own; `path` is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+        if rc != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
 }
 
 fn checkpoint(conn: &Connection) -> Result<(), StorageError> {
@@ -238,9 +376,14 @@ fn checkpoint(conn: &Connection) -> Result<(), StorageError> {
 }
 
 /// Commits everything in `batch`, in as many transactions as it takes.
-fn commit_all(conn: &mut Connection, batch: &mut VecDeque<Box<dyn WriteJob>>, stats: &Counters) {
+fn commit_all(
+    conn: &mut Connection,
+    batch: &mut VecDeque<Box<dyn WriteJob>>,
+    stats: &Counters,
+    health: &Health,
+) {
     while !batch.is_empty() {
-        commit_one_transaction(conn, batch, stats);
+        commit_one_transaction(conn, batch, stats, health);
     }
 }
 
@@ -253,6 +396,7 @@ fn commit_one_transaction(
     conn: &mut Connection,
     batch: &mut VecDeque<Box<dyn WriteJob>>,
     stats: &Counters,
+    health: &Health,
 ) {
     let started = Instant::now();
     let mut done: Vec<Box<dyn WriteJob>> = Vec::with_capacity(batch.len());
@@ -295,6 +439,7 @@ fn commit_one_transaction(
     if outcome.is_err() {
         stats.failed_transactions.fetch_add(1, Ordering::Relaxed);
     }
+    health.record(outcome.as_ref().map(|_| ()));
     metrics::histogram!("db_write_batch_size").record(done.len() as f64);
     metrics::histogram!("db_commit_seconds").record(started.elapsed().as_secs_f64());
     for job in done {

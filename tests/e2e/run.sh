@@ -63,6 +63,8 @@ export WARPBASE_PUBLIC_URL="$URL"
 # The scenario signs in many times from one address; the default limit (10/min) would
 # rightly answer 429 to that.
 export WARPBASE_AUTH__RATE_LIMIT=1000
+# No metrics listener: the default 127.0.0.1:9090 may be taken on a developer machine.
+export WARPBASE_METRICS_LISTEN=off
 unset WARPBASE_STRIPE__SECRET_KEY WARPBASE_CONFIG
 "${SERVER_CMD[@]}" >>"$LOG" 2>&1 &
 SERVER=$!

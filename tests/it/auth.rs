@@ -63,7 +63,10 @@ async fn register_login_me_and_the_token_pair_contract() {
         reg["user"]["email"], "ada@example.com",
         "emails are normalised"
     );
-    assert_eq!(reg["user"]["role"], "admin", "the first user is admin");
+    assert_eq!(
+        reg["user"]["role"], "user",
+        "no account is admin for being first (admin/claim, user create --admin)"
+    );
     assert_eq!(reg["user"]["plan"]["plan"], "free");
     let me: Value = app
         .get("/api/v1/me", Some(token(&reg)))
@@ -116,13 +119,16 @@ async fn register_login_me_and_the_token_pair_contract() {
     // Admin-only routes.
     let r = app.get("/api/v1/admin/users", Some(token(&second))).await;
     expect_problem(r, 403, "forbidden").await;
+    let r = app.get("/api/v1/admin/users", Some(token(&l))).await;
+    expect_problem(r, 403, "forbidden").await;
+    let admin = app.admin("root@example.com").await;
     let users: Value = app
-        .get("/api/v1/admin/users", Some(token(&l)))
+        .get("/api/v1/admin/users", Some(&admin.access_token))
         .await
         .json()
         .await
         .expect("json");
-    assert_eq!(users["items"].as_array().expect("items").len(), 2);
+    assert_eq!(users["items"].as_array().expect("items").len(), 3);
     app.shutdown().await;
 }
 

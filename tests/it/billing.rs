@@ -116,7 +116,7 @@ async fn customer(app: &TestApp, user: &TestUser) -> String {
 #[tokio::test]
 async fn webhook_signatures_are_checked_exactly_as_stripe_specifies() {
     let app = start().await;
-    let user = app.create_user("sig@example.com").await;
+    let user = app.admin("sig@example.com").await;
     let now = now_secs(&app);
     let ev = fe::checkout_session_completed("cs_1", "cus_1", &user.id, "sub_1", now);
     let body = serde_json::to_vec(&ev).expect("json");
@@ -330,7 +330,7 @@ async fn grace_period_and_period_end_expire_with_the_clock() {
 #[tokio::test]
 async fn a_failure_midway_rolls_back_and_the_retry_applies() {
     let app = start().await;
-    let user = app.create_user("fail@example.com").await;
+    let user = app.admin("fail@example.com").await;
     let cus = customer(&app, &user).await;
     let sub = FakeSubscription::new(&cus, "price_pro", now_secs(&app), 30 * 86400);
     let ev = fe::subscription_created(&sub, now_secs(&app));
@@ -360,7 +360,7 @@ async fn a_failure_midway_rolls_back_and_the_retry_applies() {
 #[tokio::test]
 async fn unknown_types_are_ignored_and_admins_can_replay() {
     let app = start().await;
-    let admin = app.create_user("admin@example.com").await;
+    let admin = app.admin("admin@example.com").await;
     let ev = fe::envelope(
         "customer.created",
         now_secs(&app),
@@ -448,7 +448,7 @@ async fn offline_checkout_and_portal_go_through_the_real_pipeline() {
         AppOptions::default(),
     )
     .await;
-    let user = app.create_user("buyer@example.com").await;
+    let user = app.admin("buyer@example.com").await;
     let r = app
         .post_json(
             "/api/v1/billing/checkout",

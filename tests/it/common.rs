@@ -30,7 +30,15 @@ pub fn test_config(data_dir: &Path) -> Config {
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.data_dir = data_dir.to_path_buf();
     config.shutdown_grace = Duration::from_secs(5);
+    // The default 127.0.0.1:9090 would collide between Apps run in parallel; tests that
+    // scrape set port 0 (see `TestApp::metrics_url`).
+    config.metrics_listen = None;
     config
+}
+
+/// Serve metrics on a free loopback port: for `TestApp::start_with` configure closures.
+pub fn with_metrics(config: &mut Config) {
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
 }
 
 impl TestApp {
@@ -78,6 +86,15 @@ impl TestApp {
         self.app.url(path)
     }
 
+    /// `/metrics` on the App's metrics listener (start it with [`with_metrics`]).
+    pub fn metrics_url(&self) -> String {
+        let addr = self
+            .app
+            .metrics_addr
+            .expect("started with a metrics listener (common::with_metrics)");
+        format!("http://{addr}/metrics")
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -115,6 +132,16 @@ impl TestApp {
     /// Creates a user with a live session directly through the services (no HTTP), for
     /// tests of other modules that just need a signed-in caller.
     pub async fn create_user(&self, email: &str) -> TestUser {
+        self.create_user_as(email, "user").await
+    }
+
+    /// As [`TestApp::create_user`], with the `admin` role (no account becomes admin by
+    /// being first; see `POST /api/v1/admin/claim`).
+    pub async fn admin(&self, email: &str) -> TestUser {
+        self.create_user_as(email, "admin").await
+    }
+
+    async fn create_user_as(&self, email: &str, role: &'static str) -> TestUser {
         let state = self.state().clone();
         let auth = state.auth.clone();
         let email = email.to_string();
@@ -131,7 +158,7 @@ impl TestApp {
                         email_verified: true,
                         name: None,
                         password_hash: None,
-                        role: None,
+                        role: Some(role),
                         now,
                     },
                 )?;
@@ -245,6 +272,8 @@ impl ChildServer {
             .args(extra_args)
             .current_dir(data_dir)
             .env_remove("RUST_LOG")
+            // Parallel servers would collide on the default metrics port.
+            .env("WARPBASE_METRICS_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

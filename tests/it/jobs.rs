@@ -239,7 +239,7 @@ async fn retryable_failures_retry_then_succeed_with_history() {
 #[tokio::test]
 async fn exhausted_goes_dead_and_a_dlq_retry_gets_a_fresh_budget() {
     let (app, user) = start().await;
-    assert!(user.is_admin, "first user is admin");
+    let admin = app.admin("jobs-admin@example.com").await;
     let j = submit(
         &app,
         &user,
@@ -257,7 +257,7 @@ async fn exhausted_goes_dead_and_a_dlq_retry_gets_a_fresh_budget() {
             .contains("injected failure")
     );
     let dlq: Value = app
-        .get("/api/v1/admin/jobs/dead", Some(&user.access_token))
+        .get("/api/v1/admin/jobs/dead", Some(&admin.access_token))
         .await
         .json()
         .await
@@ -299,6 +299,7 @@ async fn exhausted_goes_dead_and_a_dlq_retry_gets_a_fresh_budget() {
 #[tokio::test]
 async fn permanent_failure_goes_straight_to_dead_and_can_be_discarded() {
     let (app, user) = start().await;
+    let admin = app.admin("jobs-admin@example.com").await;
     let j = submit(
         &app,
         &user,
@@ -311,7 +312,7 @@ async fn permanent_failure_goes_straight_to_dead_and_can_be_discarded() {
     let r = app
         .client
         .delete(app.url(&format!("/api/v1/admin/jobs/{id}")))
-        .bearer_auth(&user.access_token)
+        .bearer_auth(&admin.access_token)
         .send()
         .await
         .expect("delete");

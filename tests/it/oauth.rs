@@ -612,7 +612,10 @@ async fn github_sign_in_with_pkce_creates_the_account_and_exchanges_once() {
     assert!(signed["refresh_token"].as_str().is_some());
     assert_eq!(signed["user"]["email"], "octo@example.com");
     assert_eq!(signed["user"]["email_verified"], true);
-    assert_eq!(signed["user"]["role"], "admin", "the first user is admin");
+    assert_eq!(
+        signed["user"]["role"], "user",
+        "no account is admin for being first"
+    );
     assert_eq!(
         signed["user"]["identities"],
         json!([{"provider": "github", "email": "octo@example.com"}])

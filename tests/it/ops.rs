@@ -425,6 +425,7 @@ async fn scheduled_backups_keep_the_newest_and_a_restart_does_not_back_up_early(
         c.data_dir = data.path().to_path_buf();
         c.backup.interval = interval;
         c.backup.keep = 2;
+        crate::common::with_metrics(c);
     };
     let dir = data.path().join(backup::BACKUP_DIR);
 
@@ -467,8 +468,11 @@ async fn scheduled_backups_keep_the_newest_and_a_restart_does_not_back_up_early(
         .collect();
     assert!(leftovers.is_empty(), "no temp files left: {leftovers:?}");
     let metrics = app
-        .get("/metrics", None)
+        .client
+        .get(app.metrics_url())
+        .send()
         .await
+        .expect("scrape")
         .text()
         .await
         .expect("metrics");
@@ -731,6 +735,7 @@ async fn a_metrics_scrape_parses_and_has_every_contract_series() {
     let app = TestApp::start_with(
         |c| {
             generous_free_plan(c);
+            crate::common::with_metrics(c);
             // Housekeeping refreshes the jobs gauge every 10 ticks of lease/2.
             c.jobs.lease = Duration::from_millis(400);
         },
@@ -748,7 +753,12 @@ async fn a_metrics_scrape_parses_and_has_every_contract_series() {
     assert_eq!(app.get("/healthz", None).await.status(), 200);
 
     let (types, samples) = eventually(T, "a scrape with every series", || async {
-        let r = app.get("/metrics", None).await;
+        let r = app
+            .client
+            .get(app.metrics_url())
+            .send()
+            .await
+            .expect("scrape");
         assert_eq!(r.status(), 200);
         let ct = r.headers()["content-type"]
             .to_str()
