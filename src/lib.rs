@@ -72,11 +72,15 @@ impl App {
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let lock = storage::InstanceLock::acquire(&data_dir).map_err(anyhow::Error::msg)?;
         config.check_stripe().map_err(anyhow::Error::msg)?;
-        for (path, old, new) in secrets::tighten_data_dir(&data_dir).map_err(anyhow::Error::msg)? {
+        let (tightened, loose) = secrets::tighten_data_dir(&data_dir);
+        for (path, old, new) in tightened {
             tracing::warn!(
                 "{} was mode {old:o}, open to other users; changed it to {new:o}",
                 path.display()
             );
+        }
+        for warning in loose {
+            tracing::warn!("{warning}");
         }
         match secrets::clear_scratch(&data_dir.join("tmp")) {
             Ok(0) => {}

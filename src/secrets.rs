@@ -51,12 +51,17 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// What [`tighten_data_dir`] did: `(path, old mode, new mode)` per change, and a
+/// message per file it could not change (not its owner, say).
+pub type Tightened = (Vec<(std::path::PathBuf, u32, u32)>, Vec<String>);
+
 /// Makes an existing data dir private: the dir itself 0700 and the database files 0600
 /// (a dir made by hand or an older version is often 0755 with a 0644 database, which
-/// lets every local user read the password hashes). Returns what it changed, as
-/// `(path, old mode, new mode)`; a failure to change is an error naming the path.
-pub fn tighten_data_dir(dir: &Path) -> Result<Vec<(std::path::PathBuf, u32, u32)>, String> {
+/// lets every local user read the password hashes). Failures are reported, not fatal:
+/// the caller warns and carries on.
+pub fn tighten_data_dir(dir: &Path) -> Tightened {
     let mut changed = Vec::new();
+    let mut failed = Vec::new();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -71,28 +76,29 @@ pub fn tighten_data_dir(dir: &Path) -> Result<Vec<(std::path::PathBuf, u32, u32)
             let meta = match std::fs::metadata(&path) {
                 Ok(m) => m,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(format!("cannot read the mode of {}: {e}", path.display())),
+                Err(e) => {
+                    failed.push(format!("cannot read the mode of {}: {e}", path.display()));
+                    continue;
+                }
             };
             let mode = meta.permissions().mode() & 0o777;
             // Only take away access of group and others; never add any.
             let new = mode & want;
             if new != mode {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(new)).map_err(
-                    |e| {
-                        format!(
-                            "{} is mode {mode:o}, readable by other users, and cannot be made \
-                             {new:o}: {e}",
-                            path.display()
-                        )
-                    },
-                )?;
-                changed.push((path, mode, new));
+                match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(new)) {
+                    Ok(()) => changed.push((path, mode, new)),
+                    Err(e) => failed.push(format!(
+                        "{} is mode {mode:o}, open to other users, and cannot be made \
+                         {new:o}: {e}; make it private (chmod {new:o})",
+                        path.display()
+                    )),
+                }
             }
         }
     }
     #[cfg(not(unix))]
     let _ = dir;
-    Ok(changed)
+    (changed, failed)
 }
 
 /// Empties the scratch dir (`data_dir/tmp`): whatever is there was left by a process that

@@ -93,8 +93,13 @@ struct Health {
     /// one that commits (a probe commits too).
     failing: AtomicBool,
     last_error: Mutex<Option<StorageError>>,
-    /// The last probe's outcome and when it was taken.
-    last_probe: Mutex<Option<(Instant, Result<(), StorageError>)>>,
+    /// Write closures that returned an error. A closure failing on a full disk rolls back
+    /// only its savepoint, so the commit succeeds; a failed closure therefore makes the
+    /// next probe run instead of answering from the cache (a unique violation costs one
+    /// probe, a full disk is seen at once).
+    closure_failures: AtomicU64,
+    /// The last probe's outcome, when it was taken, and `closure_failures` at that time.
+    last_probe: Mutex<Option<(Instant, u64, Result<(), StorageError>)>>,
 }
 
 impl Health {
@@ -201,14 +206,15 @@ impl Writer {
     /// The outcome is reused for a second; but after any commit fails, the probe fails
     /// until a commit (this probe's or anyone's) succeeds again.
     pub async fn probe(&self, min_free_bytes: u64) -> Result<(), StorageError> {
+        let failures = self.health.closure_failures.load(Ordering::Acquire);
         let cached = self
             .health
             .last_probe
             .lock()
             .ok()
             .and_then(|p| p.clone())
-            .filter(|(at, _)| at.elapsed() < PROBE_CACHE);
-        if let Some((_, result)) = cached {
+            .filter(|(at, seen, _)| at.elapsed() < PROBE_CACHE && *seen == failures);
+        if let Some((_, _, result)) = cached {
             result?;
             return match self.health.failure() {
                 Some(e) => Err(e),
@@ -222,7 +228,7 @@ impl Writer {
             .map_err(|_| StorageError::WriterGone)?;
         let result = rx.await.map_err(|_| StorageError::WriterGone)?;
         if let Ok(mut last) = self.health.last_probe.lock() {
-            *last = Some((Instant::now(), result.clone()));
+            *last = Some((Instant::now(), failures, result.clone()));
         }
         result
     }
@@ -411,6 +417,9 @@ fn commit_one_transaction(
                 }
             };
             let ok = job.run(&sp);
+            if !ok {
+                health.closure_failures.fetch_add(1, Ordering::AcqRel);
+            }
             done.push(job);
             if ok {
                 sp.commit()?;
