@@ -483,6 +483,8 @@ fn config_print_redacts_secrets_and_env_overrides() {
         .arg(dir.path())
         .current_dir(dir.path())
         .env("WARPBASE_STRIPE__SECRET_KEY", "sk_test_supersecret")
+        // Stripe mode needs a webhook secret to be a valid configuration at all.
+        .env("WARPBASE_STRIPE__WEBHOOK_SECRETS", "whsec_supersecret")
         .env("WARPBASE_PUBLIC_URL", "https://tunnel.example.com")
         .output()
         .expect("run");
@@ -493,6 +495,7 @@ fn config_print_redacts_secrets_and_env_overrides() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("sk_test_supersecret"), "{text}");
+    assert!(!text.contains("whsec_supersecret"), "{text}");
     assert!(text.contains("[redacted]"));
     assert!(text.contains("https://tunnel.example.com"));
     assert!(text.contains(&dir.path().display().to_string()));
