@@ -99,8 +99,11 @@ struct Health {
     /// probe, a full disk is seen at once).
     closure_failures: AtomicU64,
     /// The last probe's outcome, when it was taken, and `closure_failures` at that time.
-    last_probe: Mutex<Option<(Instant, u64, Result<(), StorageError>)>>,
+    last_probe: Mutex<Option<ProbeOutcome>>,
 }
+
+/// When a probe ran, `closure_failures` at that moment, and what it found.
+type ProbeOutcome = (Instant, u64, Result<(), StorageError>);
 
 impl Health {
     fn record(&self, outcome: Result<(), &StorageError>) {
