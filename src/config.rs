@@ -968,10 +968,14 @@ mod tests {
         std::fs::write(&f, "sk_test_123\n").expect("write");
         let c = load(
             None,
-            &[(
-                "WARPBASE_STRIPE__SECRET_KEY_FILE",
-                f.to_str().expect("utf8"),
-            )],
+            &[
+                (
+                    "WARPBASE_STRIPE__SECRET_KEY_FILE",
+                    f.to_str().expect("utf8"),
+                ),
+                // Stripe mode is only valid with a webhook secret.
+                ("WARPBASE_STRIPE__WEBHOOK_SECRETS", "whsec_test"),
+            ],
         )
         .expect("load");
         assert_eq!(c.stripe.secret_key.expose(), "sk_test_123");
