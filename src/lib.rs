@@ -171,6 +171,7 @@ impl App {
         let addr = listener.local_addr()?;
 
         jobs::worker::start(&state);
+        jobs::guard::start(&state);
         ops::backup::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
