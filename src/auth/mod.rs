@@ -323,7 +323,9 @@ impl Auth {
                 TokenError::Expired => AuthError::TokenExpired,
                 TokenError::Invalid => AuthError::Unauthorized,
             })?;
-        let principal = self.check_live(&claims.sub, &claims.sid, claims.ver).await?;
+        let principal = self
+            .check_live(&claims.sub, &claims.sid, claims.ver)
+            .await?;
         Ok(Grant {
             principal,
             token_version: claims.ver,
@@ -416,7 +418,10 @@ impl Auth {
     pub async fn invalidate_user(&self, user_id: &str) {
         self.inner.user_states.invalidate(user_id);
         self.inner.profiles.invalidate(user_id);
-        let _ = self.inner.changes.send(AuthChange::User(user_id.to_string()));
+        let _ = self
+            .inner
+            .changes
+            .send(AuthChange::User(user_id.to_string()));
     }
 
     /// Forget cached liveness after a commit revoked these sessions.

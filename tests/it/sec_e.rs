@@ -196,7 +196,10 @@ async fn an_open_stream_closes_when_its_session_logs_out_and_others_stay() {
         json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0}}),
     )
     .await;
-    let ev = other.next(T).await.expect("the other session's stream is open");
+    let ev = other
+        .next(T)
+        .await
+        .expect("the other session's stream is open");
     assert!(ev.id.is_some(), "{ev:?}");
     app.shutdown().await;
 }
@@ -341,16 +344,19 @@ async fn a_user_stream_resumes_after_last_event_id_without_gaps_or_duplicates() 
     })
     .await;
     let t = ticket(&app, &user.access_token).await;
-    let mut sse = SseReader::new(
-        open_with_ticket(&app, "/api/v1/events", &t, last.as_deref()).await,
-    );
+    let mut sse =
+        SseReader::new(open_with_ticket(&app, "/api/v1/events", &t, last.as_deref()).await);
     let mut done = false;
     while !done {
         let ev = sse.next(T).await.expect("a replayed event");
         assert_ne!(ev.event, "resync", "the resume is exact");
         let (j, seq) = split_id(&ev);
         assert_eq!(j, job);
-        assert_eq!(seq, prev + 1, "no gap and no repeat after Last-Event-ID: {ev:?}");
+        assert_eq!(
+            seq,
+            prev + 1,
+            "no gap and no repeat after Last-Event-ID: {ev:?}"
+        );
         prev = seq;
         done = ev.event == "done";
     }
@@ -368,9 +374,8 @@ async fn a_user_stream_that_cannot_resume_says_resync_first() {
     )
     .await;
     let t = ticket(&app, &user.access_token).await;
-    let mut sse = SseReader::new(
-        open_with_ticket(&app, "/api/v1/events", &t, Some("nosuchjob:7")).await,
-    );
+    let mut sse =
+        SseReader::new(open_with_ticket(&app, "/api/v1/events", &t, Some("nosuchjob:7")).await);
     let first = sse.next(T).await.expect("event");
     assert_eq!(first.event, "resync", "{first:?}");
     // Then the snapshot of the unfinished job.
