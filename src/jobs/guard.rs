@@ -3,7 +3,8 @@
 //! A stream registers its [`Grant`] (session, token version, access-token expiry) and gets
 //! a [`Guard`] whose token ends the stream. One watcher task closes streams:
 //! - at once when the auth service announces a change ([`AuthChange`]: logout, logout-all,
-//!   password change, disable, role change), re-checked through the revocation caches;
+//!   password change, disable, role change), re-checked through the revocation caches
+//!   (an admin's stream also ends when the role is gone);
 //! - every [`RECHECK`] as a backstop, reading the users and sessions of all open streams
 //!   from the database in one batch (a change made by another process, such as the
 //!   `warpbase user disable` CLI, is in no cache), and at the access token's expiry.
@@ -189,6 +190,8 @@ async fn watch(state: AppState) {
 async fn recheck_cached(state: &AppState, guards: &StreamGuards, pick: impl Fn(&Grant) -> bool) {
     for (grant, end) in guards.select(pick) {
         match state.auth.revalidate(&grant).await {
+            // An admin who lost the role loses what the stream showed as admin.
+            Ok(now) if grant.principal.is_admin && !now.is_admin => end.close(EndReason::Revoked),
             Ok(_) => {}
             Err(AuthError::TokenExpired) => end.close(EndReason::Expired),
             // The database could not answer: the next backstop round tries again.
@@ -239,7 +242,9 @@ async fn recheck_db(state: &AppState, guards: &StreamGuards) {
         let p = &g.principal;
         let user_ok = matches!(
             user_states.get(&p.user_id),
-            Some(Some(s)) if !s.disabled && s.token_version == g.token_version
+            Some(Some(s)) if !s.disabled
+                && s.token_version == g.token_version
+                && (s.is_admin || !p.is_admin)
         );
         let session_ok = matches!(
             sessions.get(&p.session_id),
