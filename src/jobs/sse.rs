@@ -69,6 +69,10 @@ pub fn job_stream(
     last_event_id: Option<u64>,
 ) -> Response {
     let guard = state.jobs.streams().register(grant, &state.shutdown);
+    // An id beyond anything this process published comes from before a restart (the
+    // sequence starts again at 1): start from the job's state instead of skipping the
+    // new events up to it. (Sequence numbers only grow, so checking first is safe.)
+    let last_event_id = last_event_id.filter(|&l| l <= state.jobs.hub().last_seq(&row.id));
     let (replay, live, complete) = state.jobs.hub().subscribe_job(&row.id, last_event_id);
     let mut sent = last_event_id.unwrap_or(0);
     let mut queued = VecDeque::new();

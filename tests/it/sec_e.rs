@@ -383,3 +383,33 @@ async fn a_user_stream_that_cannot_resume_says_resync_first() {
     assert_eq!(split_id(&snap).0, job);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_per_job_last_event_id_from_before_a_restart_gets_the_final_state() {
+    let app = start().await;
+    let user = app.create_user("e9@example.com").await;
+    let job = submit(
+        &app,
+        &user.access_token,
+        json!({"kind": "demo", "payload": {"steps": 1, "step_ms": 0}}),
+    )
+    .await;
+    eventually(T, "the job to finish", || async {
+        let r = app
+            .get(&format!("/api/v1/jobs/{job}"), Some(&user.access_token))
+            .await;
+        let j: Value = r.json().await.ok()?;
+        (j["status"] == "succeeded").then_some(())
+    })
+    .await;
+    // The UI now reconnects with its last id; after a server restart the sequence starts
+    // again, so an id this process never published must not make it skip events.
+    let t = ticket(&app, &user.access_token).await;
+    let mut sse = SseReader::new(
+        open_with_ticket(&app, &format!("/api/v1/jobs/{job}/events"), &t, Some("999")).await,
+    );
+    let got = expect_closed(&mut sse, T).await;
+    let names: Vec<&str> = got.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    app.shutdown().await;
+}
