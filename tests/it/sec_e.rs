@@ -413,3 +413,28 @@ async fn a_per_job_last_event_id_from_before_a_restart_gets_the_final_state() {
     assert_eq!(names.last(), Some(&"done"), "{names:?}");
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_admins_open_stream_closes_when_the_role_is_taken_away() {
+    let app = start().await;
+    let user = app.create_user("e10@example.com").await;
+    let set_role = |role: &'static str| {
+        let uid = user.id.clone();
+        app.state().storage.write(move |c| {
+            c.execute("UPDATE users SET role = ?2 WHERE id = ?1", [&uid, role])?;
+            Ok::<_, warpbase::storage::StorageError>(())
+        })
+    };
+    // Made admin before the first request, so the stream is opened as an admin.
+    set_role("admin").await.expect("promote");
+    let r = app
+        .get("/api/v1/admin/jobs/dead", Some(&user.access_token))
+        .await;
+    assert_eq!(r.status(), 200, "opened as an admin");
+    let mut sse = open_events(&app, &user.access_token).await;
+    wait_streams(&app, 1).await;
+    // Demoted by another process (no cache invalidation here).
+    set_role("user").await.expect("demote");
+    expect_closed(&mut sse, CLOSE_WITHIN).await;
+    app.shutdown().await;
+}
