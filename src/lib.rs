@@ -187,6 +187,7 @@ impl App {
         let addr = listener.local_addr()?;
 
         jobs::worker::start(&state);
+        jobs::guard::start(&state);
         ops::backup::start(&state);
         auth::epoch::start(&state);
         let router = http::router(state.clone(), extra_routes);

@@ -1,7 +1,12 @@
 // Live job events over SSE. EventSource cannot send an Authorization header, so each
 // connection first gets a single-use ticket (POST /events/ticket). A ticket cannot be
 // reused, so the browser's own auto-reconnect would fail: on any error we close the
-// source and reconnect ourselves with a fresh ticket, backing off up to 15 s.
+// source and reconnect ourselves with a fresh ticket, backing off up to 15 s. A new
+// EventSource cannot send Last-Event-ID either, so the last id we saw goes in the query
+// (`last_event_id`): the server replays what we missed, or sends `resync` first when it
+// cannot (then the view re-reads its list). A stream ends with `reconnect` when the
+// access token it was opened with expires: we reconnect at once (the ticket request
+// refreshes the token), and a revoked session makes that ticket request fail.
 
 import { api, session } from './api.js';
 
@@ -33,15 +38,25 @@ export class LiveEvents {
       return;
     }
     if (this.stopped) return;
-    const url = `/api/v1${this.path}?ticket=${encodeURIComponent(ticket)}`;
+    let url = `/api/v1${this.path}?ticket=${encodeURIComponent(ticket)}`;
+    if (this.lastId) url += `&last_event_id=${encodeURIComponent(this.lastId)}`;
     const es = new EventSource(url);
     this.es = es;
     es.addEventListener('open', () => {
       this.delay = 1000;
       this.connects += 1;
       this.on.status?.('connected');
-      // After a drop we may have missed terminal events: let the view re-read the list.
-      if (this.connects > 1) this.on.resync?.();
+      // After a drop without any event id to resume from we may have missed terminal
+      // events: let the view re-read the list (with an id the server says `resync`).
+      if (this.connects > 1 && !this.lastId) this.on.resync?.();
+    });
+    es.addEventListener('resync', () => this.on.resync?.());
+    es.addEventListener('reconnect', () => {
+      // The access token expired: a fresh ticket now, resuming after lastId.
+      if (this.stopped) return;
+      es.close();
+      clearTimeout(this.retryTimer);
+      this.start();
     });
     for (const type of ['state', 'progress', 'done']) {
       es.addEventListener(type, (ev) => {

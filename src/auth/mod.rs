@@ -125,6 +125,26 @@ pub struct Principal {
     pub is_admin: bool,
 }
 
+/// A checked access token as an SSE stream keeps it: the stream stays tied to this
+/// session and token version and ends when the token expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub principal: Principal,
+    pub token_version: i64,
+    /// When the access token expires, in seconds since the epoch.
+    pub expires_at: i64,
+}
+
+/// A committed change that may revoke credentials, announced in-process right after the
+/// caches forgot it (the SSE stream guard re-checks the streams it concerns).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthChange {
+    /// The user's version, role or disabled flag may have changed.
+    User(String),
+    /// These sessions were revoked.
+    Sessions(Vec<String>),
+}
+
 /// The auth service. Cheap to clone.
 #[derive(Clone)]
 pub struct Auth {
@@ -148,6 +168,8 @@ struct Inner {
     /// user id → the public part of `/me` (fields and identities). Invalidated with
     /// `user_states` and after identity changes.
     profiles: Loaded<String, Arc<Profile>>,
+    /// Announces [`AuthChange`]s; nobody listening is fine.
+    changes: tokio::sync::broadcast::Sender<AuthChange>,
 }
 
 /// What `/me` shows of a user apart from plan and usage: the row's public fields (never
@@ -277,6 +299,7 @@ impl Auth {
                 user_states: Loaded::new(100_000, cache_ttl),
                 sessions: Loaded::new(200_000, cache_ttl),
                 profiles: Loaded::new(100_000, cache_ttl),
+                changes: tokio::sync::broadcast::channel(1024).0,
             }),
         }
     }
@@ -287,6 +310,11 @@ impl Auth {
 
     /// Checks a bearer token: signature, expiry, session liveness, token version.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        Ok(self.authenticate_grant(token).await?.principal)
+    }
+
+    /// [`Auth::authenticate`], also returning what the token was bound to.
+    pub async fn authenticate_grant(&self, token: &str) -> Result<Grant, AuthError> {
         let now = self.now_millis();
         let claims = self
             .inner
@@ -296,23 +324,56 @@ impl Auth {
                 TokenError::Expired => AuthError::TokenExpired,
                 TokenError::Invalid => AuthError::Unauthorized,
             })?;
-        let state = self.user_state(&claims.sub).await?;
+        let principal = self
+            .check_live(&claims.sub, &claims.sid, claims.ver)
+            .await?;
+        Ok(Grant {
+            principal,
+            token_version: claims.ver,
+            expires_at: claims.exp,
+        })
+    }
+
+    /// Re-checks a grant taken earlier (an SSE ticket being redeemed) exactly as a bearer
+    /// token is checked: not expired, session live, token version current, user enabled.
+    pub async fn revalidate(&self, grant: &Grant) -> Result<Principal, AuthError> {
+        if grant.expires_at <= self.now_millis() / 1000 {
+            return Err(AuthError::TokenExpired);
+        }
+        let p = &grant.principal;
+        self.check_live(&p.user_id, &p.session_id, grant.token_version)
+            .await
+    }
+
+    /// Session liveness and token version through the revocation caches.
+    async fn check_live(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        token_version: i64,
+    ) -> Result<Principal, AuthError> {
+        let state = self.user_state(user_id).await?;
         let Some(state) = state else {
             return Err(AuthError::Unauthorized);
         };
-        if state.disabled || state.token_version != claims.ver {
+        if state.disabled || state.token_version != token_version {
             return Err(AuthError::SessionRevoked);
         }
-        match self.session_state(&claims.sid).await? {
-            Some((owner, true)) if owner == claims.sub => {}
+        match self.session_state(session_id).await? {
+            Some((owner, true)) if owner == user_id => {}
             Some(_) => return Err(AuthError::SessionRevoked),
             None => return Err(AuthError::Unauthorized),
         }
         Ok(Principal {
-            user_id: claims.sub.clone(),
-            session_id: claims.sid.clone(),
+            user_id: user_id.to_string(),
+            session_id: session_id.to_string(),
             is_admin: state.is_admin,
         })
+    }
+
+    /// Receives every [`AuthChange`] announced from now on.
+    pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<AuthChange> {
+        self.inner.changes.subscribe()
     }
 
     async fn user_state(&self, user_id: &str) -> Result<Option<UserAuthState>, AuthError> {
@@ -358,6 +419,10 @@ impl Auth {
     pub async fn invalidate_user(&self, user_id: &str) {
         self.inner.user_states.invalidate(user_id);
         self.inner.profiles.invalidate(user_id);
+        let _ = self
+            .inner
+            .changes
+            .send(AuthChange::User(user_id.to_string()));
     }
 
     /// Forget every cached user, session and profile: another process (the `warpbase
@@ -372,6 +437,9 @@ impl Auth {
     pub async fn invalidate_sessions(&self, ids: &[String]) {
         for id in ids {
             self.inner.sessions.invalidate(id);
+        }
+        if !ids.is_empty() {
+            let _ = self.inner.changes.send(AuthChange::Sessions(ids.to_vec()));
         }
     }
 

@@ -3,7 +3,9 @@
 //! One channel per job (for `/jobs/{id}/events`) and one per user (for `/events`), made on
 //! demand and dropped when nobody listens. Each job also keeps a short ring of its recent
 //! events with sequence numbers, so a client reconnecting with `Last-Event-ID` gets what
-//! it missed. Publishing never waits: a subscriber that falls behind the channel capacity
+//! it missed; each user channel keeps a ring of the user's recent events too, kept for
+//! [`USER_RESUME_GRACE`] after its last subscriber left, so the `/events` stream resumes
+//! after `Last-Event-ID` (`{job}:{seq}`) as well. Publishing never waits: a subscriber that falls behind the channel capacity
 //! loses the oldest events (`Lagged`) and the stream resynchronises from the job's current
 //! state, so slow clients cost neither worker time nor unbounded memory.
 //!
@@ -15,6 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -27,6 +30,11 @@ use super::frame;
 const RING: usize = 256;
 /// Per-channel buffer before a slow subscriber lags.
 const CHANNEL: usize = 128;
+/// Events kept per user channel for `Last-Event-ID` resume of `/events`.
+const USER_RING: usize = 512;
+/// How long a user channel (and its ring) outlives its last subscriber, so a client that
+/// reconnects (a dropped connection, an expired access token) resumes where it was.
+pub const USER_RESUME_GRACE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
@@ -148,10 +156,20 @@ impl JobChannel {
     }
 }
 
+/// One user's channel: made by their first subscriber, kept for [`USER_RESUME_GRACE`]
+/// after the last one left.
+struct UserChannel {
+    tx: broadcast::Sender<Arc<JobEvent>>,
+    /// The user's events published since the channel was made, the newest last.
+    ring: VecDeque<Arc<JobEvent>>,
+    /// Since when nobody listens (set by the sweep).
+    idle_since: Option<Instant>,
+}
+
 #[derive(Default)]
 struct Channels {
     jobs: HashMap<String, JobChannel>,
-    users: HashMap<String, broadcast::Sender<Arc<JobEvent>>>,
+    users: HashMap<String, UserChannel>,
 }
 
 #[derive(Clone, Default)]
@@ -187,10 +205,14 @@ impl Hub {
             let _ = tx.send(event.clone());
         }
         if let Some(uid) = user_id
-            && let Some(tx) = ch.users.get(uid)
-            && tx.send(event).is_err()
+            && let Some(user) = ch.users.get_mut(uid)
         {
-            ch.users.remove(uid);
+            if user.ring.len() == USER_RING {
+                user.ring.pop_front();
+            }
+            user.ring.push_back(event.clone());
+            // Nobody listening right now is fine: the ring keeps it for a resume.
+            let _ = user.tx.send(event);
         }
     }
 
@@ -227,13 +249,40 @@ impl Hub {
     }
 
     pub fn subscribe_user(&self, user_id: &str) -> broadcast::Receiver<Arc<JobEvent>> {
+        self.resume_user(user_id, None).1
+    }
+
+    /// Subscribes to a user's events, resuming after the event `after` (job id, sequence
+    /// number): returns the user's events published after it (replay), the live receiver,
+    /// and whether the replay is exact (`after` is still in the user's ring, so nothing
+    /// between it and the live events is missing). Taken under one lock.
+    pub fn resume_user(
+        &self,
+        user_id: &str,
+        after: Option<(&str, u64)>,
+    ) -> (Vec<Arc<JobEvent>>, broadcast::Receiver<Arc<JobEvent>>, bool) {
         let Ok(mut ch) = self.inner.lock() else {
-            return broadcast::channel(1).1;
+            return (Vec::new(), broadcast::channel(1).1, false);
         };
-        ch.users
+        let user = ch
+            .users
             .entry(user_id.to_string())
-            .or_insert_with(|| broadcast::channel(CHANNEL * 4).0)
-            .subscribe()
+            .or_insert_with(|| UserChannel {
+                tx: broadcast::channel(CHANNEL * 4).0,
+                ring: VecDeque::new(),
+                idle_since: None,
+            });
+        user.idle_since = None;
+        let position = after.and_then(|(job, seq)| {
+            user.ring
+                .iter()
+                .rposition(|e| e.seq == seq && e.kind.job_id() == job)
+        });
+        let replay = match position {
+            Some(i) => user.ring.iter().skip(i + 1).cloned().collect(),
+            None => Vec::new(),
+        };
+        (replay, user.tx.subscribe(), position.is_some())
     }
 
     /// The sequence number the next event of this job will get (0 if the job is unknown).
@@ -248,9 +297,22 @@ impl Hub {
     /// Drops channels nobody listens to: finished jobs, and users without subscribers.
     /// Called periodically; unfinished jobs keep their ring for resume.
     pub fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    /// [`Hub::sweep`] at `now`: a user channel goes once nobody listened to it for
+    /// [`USER_RESUME_GRACE`].
+    fn sweep_at(&self, now: Instant) {
         if let Ok(mut ch) = self.inner.lock() {
             ch.jobs.retain(|_, j| !(j.finished && j.receivers() == 0));
-            ch.users.retain(|_, tx| tx.receiver_count() > 0);
+            ch.users.retain(|_, u| {
+                if u.tx.receiver_count() > 0 {
+                    u.idle_since = None;
+                    return true;
+                }
+                let since = *u.idle_since.get_or_insert(now);
+                now.saturating_duration_since(since) < USER_RESUME_GRACE
+            });
         }
     }
 
@@ -393,6 +455,47 @@ pub(crate) mod tests {
             replay[0].job_frame().as_ptr(),
             replay[0].job_frame().as_ptr()
         );
+    }
+
+    #[test]
+    fn a_user_stream_resumes_from_the_user_ring_until_the_grace_ends() {
+        let hub = Hub::default();
+        let other = |pct| JobEventKind::Progress {
+            id: "k".into(),
+            pct,
+            message: String::new(),
+        };
+        let rx = hub.subscribe_user("u");
+        hub.publish("j", Some("u"), progress(1));
+        hub.publish("k", Some("u"), other(1));
+        drop(rx);
+        // Published while nobody listens: still kept for a resume.
+        hub.publish("j", Some("u"), progress(2));
+        hub.publish("k", Some("u"), other(2));
+        hub.publish("x", Some("someone-else"), progress(3));
+        let (replay, _rx, exact) = hub.resume_user("u", Some(("j", 1)));
+        assert!(exact);
+        let got: Vec<(String, u64)> = replay
+            .iter()
+            .map(|e| (e.kind.job_id().to_string(), e.seq))
+            .collect();
+        assert_eq!(
+            got,
+            [("k".into(), 1), ("j".into(), 2), ("k".into(), 2)],
+            "every later event of the user once, in publish order"
+        );
+        // An id the ring does not hold cannot resume exactly.
+        let (replay, rx, exact) = hub.resume_user("u", Some(("j", 9)));
+        assert!(!exact && replay.is_empty());
+        drop((rx, _rx));
+        let t0 = Instant::now();
+        hub.sweep_at(t0);
+        hub.sweep_at(t0 + USER_RESUME_GRACE / 2);
+        assert_eq!(hub.channel_count().1, 1, "kept during the grace");
+        hub.sweep_at(t0 + USER_RESUME_GRACE);
+        assert_eq!(hub.channel_count().1, 0, "dropped after it");
+        let (_, _rx, exact) = hub.resume_user("u", Some(("k", 2)));
+        assert!(!exact, "a new channel knows nothing of the old one");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod backoff;
 pub mod command;
 pub mod demo;
 pub mod frame;
+pub mod guard;
 pub mod hub;
 pub mod kinds;
 pub mod queue;
@@ -29,7 +30,7 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Principal;
+use crate::auth::Grant;
 use crate::config::Config;
 use crate::state::AppState;
 use hub::{Hub, JobEventKind};
@@ -144,7 +145,10 @@ struct Inner {
     hub: Hub,
     kinds: HashMap<String, KindSpec>,
     running: Mutex<HashMap<String, Running>>,
-    tickets: moka::sync::Cache<String, Principal>,
+    /// ticket → the access token's grant, re-checked when the ticket is redeemed.
+    tickets: moka::sync::Cache<String, Grant>,
+    /// The open SSE streams, closed when their credential ends.
+    streams: guard::StreamGuards,
     /// user id → (period start, jobs created since): `/me`'s usage line without a
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
@@ -185,6 +189,7 @@ impl Jobs {
                     .max_capacity(100_000)
                     .time_to_live(Duration::from_secs(60))
                     .build(),
+                streams: guard::StreamGuards::default(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
                 worker_id: crate::ids::new_id(),
             }),
@@ -276,13 +281,21 @@ impl Jobs {
     }
 
     /// A single-use, 60-second ticket that authenticates one `EventSource` connection.
-    pub fn issue_ticket(&self, principal: Principal) -> String {
+    /// It keeps the access token's grant: redeeming it re-checks session, token version
+    /// and expiry ([`crate::auth::Auth::revalidate`]).
+    pub fn issue_ticket(&self, grant: Grant) -> String {
         let ticket = crate::auth::tokens::random_token();
-        self.inner.tickets.insert(ticket.clone(), principal);
+        self.inner.tickets.insert(ticket.clone(), grant);
         ticket
     }
 
-    pub fn redeem_ticket(&self, ticket: &str) -> Option<Principal> {
+    /// Takes a ticket out (single use); None if unknown, expired or already used.
+    pub fn redeem_ticket(&self, ticket: &str) -> Option<Grant> {
         self.inner.tickets.remove(ticket)
+    }
+
+    /// The open SSE streams.
+    pub fn streams(&self) -> &guard::StreamGuards {
+        &self.inner.streams
     }
 }

@@ -18,7 +18,7 @@ use tokio::io::AsyncWriteExt;
 use super::queue::{self, JobError, JobView, SubmitRequest, Submitted};
 use super::sse;
 use crate::auth::extract::bearer;
-use crate::auth::{AdminUser, AuthError, AuthUser, Principal};
+use crate::auth::{AdminUser, AuthError, AuthUser, Grant};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
@@ -221,15 +221,17 @@ async fn retry(
 }
 
 /// Bearer header, or a single-use `?ticket=` for `EventSource` (which cannot set headers).
-pub struct StreamUser(pub Principal);
+/// A ticket is re-checked as the bearer token it was issued for would be (session live,
+/// token version current, user enabled, not expired); the stream keeps the grant, so it
+/// ends when any of that stops being true (see [`super::guard`]).
+pub struct StreamUser(pub Grant);
 
 impl FromRequestParts<AppState> for StreamUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        if bearer(parts).is_some() {
-            let AuthUser(p) = AuthUser::from_request_parts(parts, state).await?;
-            return Ok(StreamUser(p));
+        if let Some(token) = bearer(parts) {
+            return Ok(StreamUser(state.auth.authenticate_grant(token).await?));
         }
         let ticket = parts
             .uri
@@ -238,49 +240,104 @@ impl FromRequestParts<AppState> for StreamUser {
             .split('&')
             .find_map(|kv| kv.strip_prefix("ticket="))
             .ok_or(AuthError::Unauthorized)?;
-        let p = state.jobs.redeem_ticket(ticket).ok_or_else(|| {
+        let grant = state.jobs.redeem_ticket(ticket).ok_or_else(|| {
             ApiError::unauthorized("the ticket is unknown, expired or already used")
         })?;
-        Ok(StreamUser(p))
+        let principal = state.auth.revalidate(&grant).await?;
+        Ok(StreamUser(Grant { principal, ..grant }))
     }
 }
 
-fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+/// A bearer token (never a ticket) and what it is bound to.
+pub struct BearerGrant(pub Grant);
+
+impl FromRequestParts<AppState> for BearerGrant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or(AuthError::Unauthorized)?;
+        Ok(BearerGrant(state.auth.authenticate_grant(token).await?))
+    }
+}
+
+/// The query of the SSE routes. `EventSource` cannot set `Last-Event-ID` on a new
+/// connection (only on its own reconnects, which a single-use ticket cannot make), so
+/// the last id may come as `?last_event_id=` too; the header wins when both are present.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct StreamQuery {
+    /// From `POST /api/v1/events/ticket`, instead of a bearer header.
+    #[allow(dead_code)] // read by `StreamUser` from the raw query; listed for the docs
+    ticket: Option<String>,
+    /// Resume after this event id, like the `Last-Event-ID` header.
+    last_event_id: Option<String>,
+}
+
+/// The `Last-Event-ID` header, else `?last_event_id=`.
+fn last_event_id_raw(headers: &HeaderMap, query: &StreamQuery) -> Option<String> {
     headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(':').next())
-        .and_then(|s| s.trim().parse().ok())
+        .map(str::to_string)
+        .or_else(|| query.last_event_id.clone())
+}
+
+/// A per-job stream's event id: `{seq}` (a user stream's `{job}:{seq}` is accepted too).
+fn job_event_seq(raw: &str) -> Option<u64> {
+    raw.rsplit(':').next().and_then(|s| s.trim().parse().ok())
+}
+
+/// A user stream's event id: `{job}:{seq}`.
+fn user_event_id(raw: &str) -> Option<(String, u64)> {
+    let (job, seq) = raw.trim().rsplit_once(':')?;
+    Some((job.to_string(), seq.parse().ok()?))
 }
 
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = []), ("ticket" = [])),
-    params(("id" = String, Path, description = "Job id"),
+    params(("id" = String, Path, description = "Job id"), StreamQuery,
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event")),
-    responses((status = 200, description = "Server-sent events `state`, `progress`, then `done`, after which the stream closes", content_type = "text/event-stream", body = String),
-        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket"),
+    responses((status = 200, description = "Server-sent events `state`, `progress`, then `done`, after which the stream closes; `reconnect` when the access token expired", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_input`: unknown query parameter"),
+        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket; `session_revoked`, `token_expired`: the ticket's session or token ended"),
         (status = 404, description = "`not_found`: no such job of this user")))]
 async fn job_events(
     State(state): State<AppState>,
-    StreamUser(who): StreamUser,
+    StreamUser(grant): StreamUser,
     Path(id): Path<String>,
+    Query(query): Query<StreamQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let row = queue::get_visible(&state, &who, &id).await?;
-    Ok(sse::job_stream(state, row, last_event_id(&headers)).into_response())
+    let row = queue::get_visible(&state, &grant.principal, &id).await?;
+    let last = last_event_id_raw(&headers, &query).and_then(|s| job_event_seq(&s));
+    Ok(sse::job_stream(state, grant, row, last).into_response())
 }
 
 #[utoipa::path(get, path = "/api/v1/events", tag = "jobs", security(("bearer" = []), ("ticket" = [])),
-    responses((status = 200, description = "Server-sent events `state`, `progress` and `done` of all the user's jobs", content_type = "text/event-stream", body = String),
-        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket")))]
-async fn user_events(State(state): State<AppState>, StreamUser(who): StreamUser) -> Response {
-    sse::user_stream(state, who.user_id).into_response()
+    params(StreamQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event (`{job_id}:{seq}`)")),
+    responses((status = 200, description = "Server-sent events `state`, `progress` and `done` of all the user's jobs; `resync` when a resume could not be exact; `reconnect` when the access token expired", content_type = "text/event-stream", body = String),
+        (status = 400, description = "`invalid_input`: unknown query parameter"),
+        (status = 401, description = "`unauthorized`: no bearer token and no valid ticket; `session_revoked`, `token_expired`: the ticket's session or token ended")))]
+async fn user_events(
+    State(state): State<AppState>,
+    StreamUser(grant): StreamUser,
+    Query(query): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let last = last_event_id_raw(&headers, &query);
+    let resume = last.as_deref().map(user_event_id);
+    sse::user_stream(state, grant, resume).into_response()
 }
 
 #[utoipa::path(post, path = "/api/v1/events/ticket", tag = "jobs", security(("bearer" = [])),
-    responses((status = 200, description = "A single-use ticket (60 s) for `EventSource`, which cannot send headers", body = crate::openapi::Ticket),
+    responses((status = 200, description = "A single-use ticket (60 s) for `EventSource`, which cannot send headers; bound to the access token's session, token version and expiry", body = crate::openapi::Ticket),
         (status = 401, description = "`unauthorized`")))]
-async fn ticket(State(state): State<AppState>, AuthUser(who): AuthUser) -> Json<serde_json::Value> {
-    Json(json!({ "ticket": state.jobs.issue_ticket(who), "expires_in": 60 }))
+async fn ticket(
+    State(state): State<AppState>,
+    BearerGrant(grant): BearerGrant,
+) -> Json<serde_json::Value> {
+    Json(json!({ "ticket": state.jobs.issue_ticket(grant), "expires_in": 60 }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

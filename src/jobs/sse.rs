@@ -2,9 +2,13 @@
 //!
 //! `GET /api/v1/jobs/{id}/events` streams one job: a snapshot (`state`, `progress`) or the
 //! events missed since `Last-Event-ID`, then live events, then `done`, after which the
-//! stream closes. `GET /api/v1/events` streams every job of the user. A stream ends when
-//! the client goes away or the server shuts down. A subscriber that lags behind
-//! resynchronises from the database instead of buffering without bound.
+//! stream closes. `GET /api/v1/events` streams every job of the user, resuming after
+//! `Last-Event-ID` from the hub's user ring, or from a snapshot announced by a `resync`
+//! event when the ring no longer holds that id. A stream ends when the client goes away,
+//! the server shuts down, or its credential ends ([`super::guard`]): at the access token's
+//! expiry it sends a last `reconnect` event first, so the client reconnects with a fresh
+//! ticket and its last event id; a revoked session just ends it. A subscriber that lags
+//! behind resynchronises from the database instead of buffering without bound.
 //!
 //! Fan-out to thousands of subscribers is the hot path, so a stream does as little as it
 //! can per event: the response body reads the hub's broadcast receiver itself (no task and
@@ -33,12 +37,23 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::frame::{self, Batch};
+use super::guard::{EndReason, Guard};
 use super::hub::{JobEvent, JobEventKind};
+use crate::auth::Grant;
 use crate::state::AppState;
 use crate::storage::jobs::{self as q, JobRow};
 
 /// A `: keepalive` comment goes out after this long without any other write.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The last event of a stream ended at the access token's expiry: reconnect with a fresh
+/// ticket (and the last event id). It has no `id:`, so the client's last id stays.
+pub const RECONNECT: &[u8] = b"event: reconnect\ndata: {\"reason\":\"token_expired\"}\n\n";
+
+/// Sent on `/events` before a snapshot that replaces events the stream could not deliver
+/// (a `Last-Event-ID` no longer in the ring, or the subscriber lagged): jobs that finished
+/// meanwhile are not in it, so the client re-reads its list.
+pub const RESYNC: &[u8] = b"event: resync\ndata: {}\n\n";
 
 type Rx = broadcast::Receiver<Arc<JobEvent>>;
 
@@ -47,7 +62,17 @@ type Rx = broadcast::Receiver<Arc<JobEvent>>;
 /// Subscribes at once, before the response goes out, so the client gets every event
 /// published after its request was answered; the database snapshot is read when the body
 /// is first polled (after subscribing, so nothing falls between the two).
-pub fn job_stream(state: AppState, row: JobRow, last_event_id: Option<u64>) -> Response {
+pub fn job_stream(
+    state: AppState,
+    grant: Grant,
+    row: JobRow,
+    last_event_id: Option<u64>,
+) -> Response {
+    let guard = state.jobs.streams().register(grant, &state.shutdown);
+    // An id beyond anything this process published comes from before a restart (the
+    // sequence starts again at 1): start from the job's state instead of skipping the
+    // new events up to it. (Sequence numbers only grow, so checking first is safe.)
+    let last_event_id = last_event_id.filter(|&l| l <= state.jobs.hub().last_seq(&row.id));
     let (replay, live, complete) = state.jobs.hub().subscribe_job(&row.id, last_event_id);
     let mut sent = last_event_id.unwrap_or(0);
     let mut queued = VecDeque::new();
@@ -65,7 +90,9 @@ pub fn job_stream(state: AppState, row: JobRow, last_event_id: Option<u64>) -> R
         }
     }
     let sub = Subscriber {
-        live: Live::new(live, Cursor::Job { sent }, state.shutdown.clone()),
+        live: Live::new(live, Cursor::Job { sent }, guard.token()),
+        guard: Some(guard),
+        finished: false,
         target: Target::Job(row.id),
         state,
         queued,
@@ -75,15 +102,35 @@ pub fn job_stream(state: AppState, row: JobRow, last_event_id: Option<u64>) -> R
     respond(sub)
 }
 
-/// Every job event of one user, starting with the state of their unfinished jobs.
-pub fn user_stream(state: AppState, user_id: String) -> Response {
-    let live = state.jobs.hub().subscribe_user(&user_id);
+/// Every job event of one user: after `resume` (the `Last-Event-ID`, `Some(None)` when it
+/// did not parse) if the user ring still holds it, else starting with the state of their
+/// unfinished jobs (announced by `resync` when a resume was asked for).
+pub fn user_stream(
+    state: AppState,
+    grant: Grant,
+    resume: Option<Option<(String, u64)>>,
+) -> Response {
+    let user_id = grant.principal.user_id.clone();
+    let guard = state.jobs.streams().register(grant, &state.shutdown);
+    let after = resume
+        .as_ref()
+        .and_then(|r| r.as_ref())
+        .map(|(job, seq)| (job.as_str(), *seq));
+    let (replay, live, exact) = state.jobs.hub().resume_user(&user_id, after);
+    let mut queued = VecDeque::new();
+    if exact {
+        queued.extend(replay.iter().map(|e| e.user_frame().clone()));
+    } else if resume.is_some() {
+        queued.push_back(Bytes::from_static(RESYNC));
+    }
     let sub = Subscriber {
-        live: Live::new(live, Cursor::User, state.shutdown.clone()),
+        live: Live::new(live, Cursor::User, guard.token()),
+        guard: Some(guard),
+        finished: false,
         target: Target::User(user_id),
         state,
-        queued: VecDeque::new(),
-        resync: true,
+        queued,
+        resync: !exact,
         end_after_queued: false,
     };
     respond(sub)
@@ -117,6 +164,10 @@ struct Subscriber {
     state: AppState,
     target: Target,
     live: Live,
+    /// Ends the stream with its credential (its token is what `live` listens to).
+    guard: Option<Guard>,
+    /// The stream is over (its last frame, if any, went out).
+    finished: bool,
     /// Frames to send before reading live events again: the `Last-Event-ID` replay or a
     /// snapshot from the database.
     queued: VecDeque<Bytes>,
@@ -129,12 +180,20 @@ struct Subscriber {
 impl Subscriber {
     /// The next body chunk, or None when the stream is over.
     async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
         loop {
+            // An atomic load: a stream whose credential ended stops even while events
+            // keep it busy.
+            if self.ended_by_guard() {
+                return self.finish();
+            }
             if self.resync {
                 self.resync = false;
                 let snap = tokio::select! {
                     biased;
-                    () = self.live.shutdown.as_mut() => return None,
+                    () = self.live.shutdown.as_mut() => return self.finish(),
                     s = read_snapshot(&self.state, &self.target) => s,
                 };
                 if !self.apply(snap) {
@@ -154,13 +213,31 @@ impl Subscriber {
                 }
             }
             if self.end_after_queued {
-                return None;
+                return self.finish();
             }
             match self.live.next().await {
                 Next::Chunk(chunk) => return Some(chunk),
-                Next::Resync => self.resync = true,
-                Next::End => return None,
+                Next::Resync => {
+                    self.resync = true;
+                    if matches!(self.target, Target::User(_)) {
+                        self.queued.push_back(Bytes::from_static(RESYNC));
+                    }
+                }
+                Next::End => return self.finish(),
             }
+        }
+    }
+
+    fn ended_by_guard(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.reason().is_some())
+    }
+
+    /// Ends the stream: with a last `reconnect` event if the access token expired.
+    fn finish(&mut self) -> Option<Bytes> {
+        self.finished = true;
+        match self.guard.as_ref().and_then(Guard::reason) {
+            Some(EndReason::Expired) => Some(Bytes::from_static(RECONNECT)),
+            Some(EndReason::Revoked) | None => None,
         }
     }
 

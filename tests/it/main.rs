@@ -17,4 +17,5 @@ mod oauth;
 mod openapi;
 mod ops;
 mod sec_d;
+mod sec_e;
 mod stripe_real;
