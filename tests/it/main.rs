@@ -16,4 +16,5 @@ mod jobs;
 mod oauth;
 mod openapi;
 mod ops;
+mod sec_a;
 mod stripe_real;
