@@ -104,6 +104,10 @@ pub struct AuthConfig {
     pub rate_limit: u32,
     #[serde(with = "duration")]
     pub rate_window: Duration,
+    /// How recent a session's sign-in must be to set a first password on an account that
+    /// has none (an OAuth-only account).
+    #[serde(with = "duration")]
+    pub step_up_window: Duration,
     pub oauth: OAuthConfig,
 }
 
@@ -116,6 +120,7 @@ impl Default for AuthConfig {
             jwt_secret: None,
             rate_limit: 10,
             rate_window: Duration::from_secs(60),
+            step_up_window: Duration::from_secs(600),
             oauth: OAuthConfig::default(),
         }
     }

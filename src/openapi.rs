@@ -413,7 +413,8 @@ pub mod oauth_routes {
     #[utoipa::path(post, path = "/api/v1/auth/oauth/exchange", tag = "accounts",
         request_body = ExchangeBody,
         responses((status = 200, description = "Signed in", body = SignedIn),
-            (status = 400, description = "`invalid_grant`: used or expired code; malformed JSON"),
+            (status = 400, description = "`invalid_grant`: used or expired code; malformed JSON. \
+                `invalid_state`: the browser-binding cookie set at authorize is missing or belongs to another browser"),
             (status = 415, description = "Not JSON"),
             (status = 422, description = "`invalid_input`")))]
     pub fn exchange() {}

@@ -48,6 +48,12 @@ pub enum AuthError {
     InvalidGrant,
     #[error("an account with this email already exists")]
     EmailTaken,
+    /// An OAuth flow continued by another browser than the one that started it.
+    #[error("this sign-in was started in another browser or window; please start again")]
+    InvalidState,
+    /// The session's sign-in is older than `auth.step_up_window` for this action.
+    #[error("this needs a recent sign-in; sign in again, then retry")]
+    StepUpRequired,
     #[error("too many attempts")]
     RateLimited(Duration),
     #[error("{0}")]
@@ -88,6 +94,12 @@ impl From<AuthError> for ApiError {
                 ApiError::new(S::BAD_REQUEST, "invalid_grant", e.to_string())
             }
             AuthError::EmailTaken => ApiError::conflict("email_taken", e.to_string()),
+            AuthError::InvalidState => {
+                ApiError::new(S::BAD_REQUEST, "invalid_state", e.to_string())
+            }
+            AuthError::StepUpRequired => {
+                ApiError::new(S::UNAUTHORIZED, "step_up_required", e.to_string())
+            }
             AuthError::RateLimited(after) => ApiError::rate_limited(after),
             AuthError::Invalid(m) => ApiError::invalid_input(m),
             AuthError::Forbidden => ApiError::forbidden(e.to_string()),

@@ -27,6 +27,87 @@ pub const EXCHANGE_TTL: Duration = Duration::from_secs(60);
 const EXCHANGE_PURPOSE: &str = "oauth_exchange";
 const MAX_NAME_CHARS: usize = 200;
 
+/// The browser-binding cookie on an https public URL. Browsers accept a `__Host-` cookie
+/// only with `Secure`, `Path=/` and no `Domain`, which also keeps sibling subdomains from
+/// planting one.
+pub const BROWSER_COOKIE_SECURE: &str = "__Host-warpbase_oauth";
+/// The same cookie on an http public URL (local development), where `Secure` and thus
+/// the `__Host-` prefix are impossible.
+pub const BROWSER_COOKIE_PLAIN: &str = "warpbase_oauth";
+
+/// Ties an OAuth flow to the browser that started it (RFC 9700 §4.7.1, login CSRF): a
+/// random value in an HttpOnly cookie whose SHA-256 is stored with the `state` and then
+/// with the exchange code, and both the callback and the exchange require it.
+#[derive(Debug, Clone)]
+pub struct BrowserBinding {
+    /// The cookie's value (a random token; secret).
+    pub value: String,
+}
+
+impl BrowserBinding {
+    /// Keeps the browser's current value (several tabs may sign in at once) when it looks
+    /// like one of ours, else makes a new one.
+    pub fn reuse_or_new(existing: Option<&str>) -> BrowserBinding {
+        let value = existing
+            .filter(|v| is_binding_value(v))
+            .map(str::to_string)
+            .unwrap_or_else(random_token);
+        BrowserBinding { value }
+    }
+
+    /// The cookie's name for this public URL.
+    pub fn cookie_name(public_url: &str) -> &'static str {
+        if public_url.starts_with("https://") {
+            BROWSER_COOKIE_SECURE
+        } else {
+            BROWSER_COOKIE_PLAIN
+        }
+    }
+
+    /// The `Set-Cookie` value: lives as long as a state, sent on the provider's redirect
+    /// back (a top-level GET, so `SameSite=Lax` suffices) and on same-origin fetches.
+    pub fn set_cookie(&self, public_url: &str) -> String {
+        let secure = if public_url.starts_with("https://") {
+            "; Secure"
+        } else {
+            ""
+        };
+        format!(
+            "{}={}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+            Self::cookie_name(public_url),
+            self.value,
+            STATE_TTL.as_secs()
+        )
+    }
+}
+
+/// The shape of [`random_token`]: 32 bytes in unpadded base64url.
+fn is_binding_value(v: &str) -> bool {
+    v.len() == 43
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// The binding value the request's `Cookie` header carries under `name`, if any.
+pub fn binding_from_cookies<'a>(
+    cookie_headers: impl Iterator<Item = &'a str>,
+    name: &str,
+) -> Option<String> {
+    cookie_headers
+        .flat_map(|h| h.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, v)| *k == name && is_binding_value(v))
+        .map(|(_, v)| v.to_string())
+}
+
+fn same_browser(stored: Option<&[u8]>, presented: Option<&str>) -> bool {
+    use subtle::ConstantTimeEq;
+    match (stored, presented) {
+        (Some(stored), Some(value)) => bool::from(stored.ct_eq(&hash_token(value))),
+        _ => false,
+    }
+}
+
 /// The stable codes of a failed callback, sent to `/#/auth/error?code=`.
 pub mod codes {
     /// The `state` is unknown, expired, already used, or belongs to another provider.
@@ -87,6 +168,7 @@ pub async fn authorize_url(
     state: &AppState,
     provider: &str,
     link_to: Option<&Principal>,
+    browser: &BrowserBinding,
 ) -> Result<String, AuthError> {
     if !is_enabled(state, provider) {
         return Err(AuthError::NotFound);
@@ -111,6 +193,7 @@ pub async fn authorize_url(
     let now = state.now_millis();
     let provider = provider.to_string();
     let link = link_to.map(|p| p.user_id.clone());
+    let browser_hash = hash_token(&browser.value);
     state
         .storage
         .write(move |c| {
@@ -125,6 +208,7 @@ pub async fn authorize_url(
                     pkce_verifier: &pkce_verifier,
                     nonce: nonce.as_deref(),
                     link_user_id: link.as_deref(),
+                    browser_hash: &browser_hash,
                     expires_at: now + STATE_TTL.as_millis() as i64,
                 },
                 now,
@@ -136,12 +220,14 @@ pub async fn authorize_url(
 }
 
 /// Finishes an authorization: on success returns the one-time exchange code (plaintext;
-/// only its hash is stored).
+/// only its hash is stored), bound to the same browser. `browser` is the binding cookie
+/// the request carried.
 pub async fn callback(
     state: &AppState,
     client: &Client,
     provider: &str,
     params: CallbackParams,
+    browser: Option<&str>,
 ) -> Result<String, Refusal> {
     let internal = |e: AuthError| {
         tracing::error!(error = %e, "OAuth callback failed");
@@ -163,12 +249,29 @@ pub async fn callback(
         .write(move |c| sa::take_oauth_state(c, &csrf, now))
         .await
         .map_err(|e| internal(e.into()))?;
-    let Some((stored_provider, verifier, nonce, link_user)) = taken else {
+    let Some(taken) = taken else {
         return Err(Refusal::new(
             codes::INVALID_STATE,
             "the sign-in expired or was already completed; please start again",
         ));
     };
+    // Checked before anything else is believed: a callback URL carried to another
+    // browser (login CSRF, or a victim opening an attacker's link flow) is spent here.
+    if !same_browser(taken.browser_hash.as_deref(), browser) {
+        return Err(Refusal::new(
+            codes::INVALID_STATE,
+            "the sign-in was started in another browser or window; please start again",
+        ));
+    }
+    let Some(browser_hash) = browser.map(hash_token) else {
+        return Err(Refusal::new(codes::INVALID_STATE, "no browser binding"));
+    };
+    let (stored_provider, verifier, nonce, link_user) = (
+        taken.provider,
+        taken.pkce_verifier,
+        taken.nonce,
+        taken.link_user_id,
+    );
     if stored_provider != provider {
         return Err(Refusal::new(
             codes::INVALID_STATE,
@@ -226,11 +329,12 @@ pub async fn callback(
                     return Ok(Err(refusal));
                 }
             };
-            sa::insert_one_time_token(
+            sa::insert_bound_token(
                 c,
                 &exchange_hash,
                 EXCHANGE_PURPOSE,
                 &user.id,
+                &browser_hash,
                 now + EXCHANGE_TTL.as_millis() as i64,
                 now,
             )?;
@@ -304,7 +408,14 @@ fn resolve_user(
                 ),
             )));
         }
-        link(c, id, &user.id, now)?;
+        // The provider vouching for this very address proves it as well as our mail.
+        let vouched = user.email_verified
+            || (id.email_verified
+                && id
+                    .email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(&user.email)));
+        link(c, id, &user.id, vouched, now)?;
         audit(
             c,
             Some(&user.id),
@@ -358,10 +469,23 @@ fn resolve_user(
                 ),
             )));
         }
-        link(c, id, &user.id, now)?;
+        link(c, id, &user.id, true, now)?;
         let detail = format!("{} (automatic: verified email)", id.provider);
         audit(c, Some(&user.id), "identity_linked", client, &detail, now)?;
         return Ok(Ok(user));
+    }
+
+    // An address the provider has not verified could be anyone's: claiming it would let
+    // whoever typed it in at the provider own the account its real owner registers later.
+    if !id.email_verified {
+        return Ok(Err(Refusal::new(
+            codes::PROVIDER_ERROR,
+            format!(
+                "{} has not verified the email address {email}; verify your email at the \
+                 provider first, then sign in again",
+                id.provider
+            ),
+        )));
     }
 
     let name: Option<String> = id
@@ -374,14 +498,14 @@ fn resolve_user(
         &NewUser {
             id: &uid,
             email,
-            email_verified: id.email_verified,
+            email_verified: true,
             name: name.as_deref(),
             password_hash: None,
             role: None,
             now,
         },
     )?;
-    link(c, id, &user.id, now)?;
+    link(c, id, &user.id, true, now)?;
     audit(
         c,
         Some(&user.id),
@@ -399,7 +523,16 @@ fn has_provider(c: &Conn, user_id: &str, provider: &str) -> Result<bool, Storage
         .any(|i| i.provider == provider))
 }
 
-fn link(c: &Conn, id: &ProviderIdentity, user_id: &str, now: i64) -> Result<(), StorageError> {
+/// `account_verified`: whether warpbase (or a verified provider) vouches for the account's
+/// address now; an identity linked to an unverified account is removed once the address
+/// is verified (the real owner may not be who linked it).
+fn link(
+    c: &Conn,
+    id: &ProviderIdentity,
+    user_id: &str,
+    account_verified: bool,
+    now: i64,
+) -> Result<(), StorageError> {
     sa::insert_identity(
         c,
         &IdentityRow {
@@ -409,6 +542,7 @@ fn link(c: &Conn, id: &ProviderIdentity, user_id: &str, now: i64) -> Result<(), 
             email: id.email.clone(),
             email_verified: id.email_verified,
         },
+        !account_verified,
         now,
     )
 }
@@ -428,10 +562,12 @@ pub async fn exchange(
     state: &AppState,
     client: &Client,
     code: &str,
+    browser: Option<&str>,
 ) -> Result<(TokenPair, UserRow), AuthError> {
     if code.is_empty() || code.len() > 256 {
         return Err(AuthError::InvalidGrant);
     }
+    let browser_hash = browser.map(hash_token).ok_or(AuthError::InvalidState)?;
     let hash = hash_token(code);
     let now = state.now_millis();
     let auth = state.auth.clone();
@@ -439,8 +575,12 @@ pub async fn exchange(
     state
         .storage
         .write(move |c| {
-            let uid = sa::consume_one_time_token(c, &hash, EXCHANGE_PURPOSE, now)?
-                .ok_or(AuthError::InvalidGrant)?;
+            let uid = match sa::consume_bound_token(c, &hash, EXCHANGE_PURPOSE, &browser_hash, now)?
+            {
+                sa::BoundToken::Consumed(uid) => uid,
+                sa::BoundToken::OtherBrowser => return Err(AuthError::InvalidState),
+                sa::BoundToken::Invalid => return Err(AuthError::InvalidGrant),
+            };
             let user = users::get_user(c, &uid)?.ok_or(AuthError::InvalidGrant)?;
             if user.disabled {
                 return Err(AuthError::InvalidGrant);

@@ -4,14 +4,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::extract::ClientInfo;
-use super::oauth_flow::{self, CallbackParams};
+use super::oauth_flow::{self, BrowserBinding, CallbackParams};
 use super::service;
 use crate::auth::{AdminUser, AuthUser, Profile, TokenPair};
 use crate::billing::Entitlement;
@@ -550,21 +550,51 @@ fn found(location: &str) -> ApiResult<Response> {
         .into_response())
 }
 
+/// The browser-binding cookie the request carries (see [`BrowserBinding`]).
+fn browser_cookie(state: &AppState, headers: &HeaderMap) -> Option<String> {
+    let name = BrowserBinding::cookie_name(state.config.public_base());
+    let values = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    oauth_flow::binding_from_cookies(values, name)
+}
+
+/// The browser's binding (kept if it has one) and the `Set-Cookie` that (re)sets it.
+fn bind_browser(state: &AppState, headers: &HeaderMap) -> ApiResult<(BrowserBinding, HeaderValue)> {
+    let binding = BrowserBinding::reuse_or_new(browser_cookie(state, headers).as_deref());
+    let cookie = HeaderValue::from_str(&binding.set_cookie(state.config.public_base()))
+        .map_err(ApiError::internal)?;
+    Ok((binding, cookie))
+}
+
 async fn oauth_authorize(
     State(state): State<AppState>,
     Path(provider): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
-    let url = oauth_flow::authorize_url(&state, &provider, None).await?;
-    found(&url)
+    let (binding, cookie) = bind_browser(&state, &headers)?;
+    let url = oauth_flow::authorize_url(&state, &provider, None, &binding).await?;
+    let mut resp = found(&url)?;
+    resp.headers_mut().insert(header::SET_COOKIE, cookie);
+    Ok(resp)
 }
 
+/// The cookie set here binds the link flow to the browser of the signed-in user who
+/// started it: an authorize URL opened anywhere else links nothing.
 async fn oauth_link(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
     Path(provider): Path<String>,
-) -> ApiResult<Json<Value>> {
-    let url = oauth_flow::authorize_url(&state, &provider, Some(&p)).await?;
-    Ok(Json(json!({ "authorize_url": url })))
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let (binding, cookie) = bind_browser(&state, &headers)?;
+    let url = oauth_flow::authorize_url(&state, &provider, Some(&p), &binding).await?;
+    let mut resp = Json(json!({ "authorize_url": url })).into_response();
+    resp.headers_mut().insert(header::SET_COOKIE, cookie);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }
 
 /// What providers append to the callback. Not `deny_unknown_fields`: providers add their
@@ -583,6 +613,7 @@ async fn oauth_callback(
     ClientInfo(client): ClientInfo,
     Path(provider): Path<String>,
     Query(q): Query<CallbackQuery>,
+    headers: HeaderMap,
 ) -> ApiResult<Response> {
     if !oauth_flow::is_enabled(&state, &provider) {
         return Err(ApiError::not_found("no such OAuth provider"));
@@ -593,7 +624,8 @@ async fn oauth_callback(
         error: q.error,
     };
     let base = state.config.public_base();
-    match oauth_flow::callback(&state, &client, &provider, params).await {
+    let browser = browser_cookie(&state, &headers);
+    match oauth_flow::callback(&state, &client, &provider, params, browser.as_deref()).await {
         Ok(code) => found(&format!("{base}/#/auth/complete?code={code}")),
         Err(refusal) => {
             let query = oauth2::url::form_urlencoded::Serializer::new(String::new())
@@ -614,9 +646,11 @@ struct ExchangeBody {
 async fn oauth_exchange(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
+    headers: HeaderMap,
     Json(b): Json<ExchangeBody>,
 ) -> ApiResult<Json<SignedIn>> {
-    let (tokens, user) = oauth_flow::exchange(&state, &client, &b.code).await?;
+    let browser = browser_cookie(&state, &headers);
+    let (tokens, user) = oauth_flow::exchange(&state, &client, &b.code, browser.as_deref()).await?;
     signed_in(&state, tokens, user).await
 }
 

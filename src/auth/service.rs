@@ -46,6 +46,50 @@ fn audit(
     )
 }
 
+/// warpbase has just proved the account's address (reset or verification mail): the
+/// identities linked while it was unverified may belong to whoever registered the address
+/// first, so they are removed, the owner is told by mail, and the removal is audited.
+/// Returns whether anything was removed (the caller then revokes sessions and notifies
+/// the mail queue after commit).
+fn drop_unverified_identities(
+    c: &Conn,
+    uid: &str,
+    from: &str,
+    client: &Client,
+    now: i64,
+) -> Result<bool, AuthError> {
+    let removed = sa::remove_unverified_identities(c, uid)?;
+    if removed.is_empty() {
+        return Ok(false);
+    }
+    let user = users::get_user(c, uid)?.ok_or(AuthError::Unauthorized)?;
+    let list = removed.join(", ");
+    audit(
+        c,
+        Some(uid),
+        "identities_removed_on_verification",
+        client,
+        Some(&list),
+        now,
+    )?;
+    super::mail::enqueue_in(
+        c,
+        &super::mail::Mail {
+            to: user.email,
+            from: from.to_string(),
+            subject: "Sign-in providers removed from your account".into(),
+            body: format!(
+                "Your email address was just confirmed. These sign-in providers had been \
+                 linked to the account before the address was confirmed, so they may not \
+                 have been yours, and were removed: {list}.\n\nIf they were yours, sign \
+                 in and link them again from your account page."
+            ),
+        },
+        now,
+    )?;
+    Ok(true)
+}
+
 /// Applies the per-IP and per-email attempt limits.
 fn rate_limit(state: &AppState, client: &Client, email: Option<&str>) -> Result<(), AuthError> {
     let limits = state.auth.limiters();
@@ -351,12 +395,23 @@ pub async fn change_password(
 ) -> Result<(TokenPair, UserRow), AuthError> {
     validate_new_password(&new).map_err(AuthError::Invalid)?;
     let uid = who.user_id.clone();
-    let user = state
+    let sid = who.session_id.clone();
+    let (user, auth_time) = state
         .storage
-        .read(move |c| users::get_user(c, &uid))
-        .await?
-        .ok_or(AuthError::Unauthorized)?;
-    if user.password_hash.is_some() {
+        .read(move |c| {
+            let user = users::get_user(c, &uid)?;
+            Ok::<_, StorageError>((user, users::session_auth_time(c, &sid)?))
+        })
+        .await?;
+    let user = user.ok_or(AuthError::Unauthorized)?;
+    if user.password_hash.is_none() {
+        // No current password to prove: a first password needs a recent sign-in instead,
+        // so that a leaked or left-behind access token cannot take over the account.
+        let window = state.config.auth.step_up_window.as_millis() as i64;
+        if auth_time.is_none_or(|t| state.now_millis() - t > window) {
+            return Err(AuthError::StepUpRequired);
+        }
+    } else {
         rate_limit(state, client, Some(&user.email))?;
         if !state
             .auth
@@ -461,7 +516,8 @@ pub async fn reset_password(
     let hash = hash_token(token);
     let now = state.now_millis();
     let client2 = client.clone();
-    let (uid, revoked) = state
+    let from = state.config.mail.from.clone();
+    let (uid, revoked, mailed) = state
         .storage
         .write(move |c| {
             let uid = sa::consume_one_time_token(c, &hash, "password_reset", now)?
@@ -469,12 +525,16 @@ pub async fn reset_password(
             sa::set_password(c, &uid, &phc, now)?;
             // Receiving the mail proves the address.
             sa::set_email_verified(c, &uid, now)?;
+            let mailed = drop_unverified_identities(c, &uid, &from, &client2, now)?;
             users::bump_token_version(c, &uid, now)?;
             let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
             audit(c, Some(&uid), "password_reset", &client2, None, now)?;
-            Ok::<_, AuthError>((uid, revoked))
+            Ok::<_, AuthError>((uid, revoked, mailed))
         })
         .await?;
+    if mailed {
+        state.jobs.notify(super::mail::QUEUE);
+    }
     state.auth.invalidate_user(&uid).await;
     state.auth.invalidate_sessions(&revoked).await;
     Ok(())
@@ -517,24 +577,30 @@ pub async fn request_verification(state: &AppState, who: &Principal) -> Result<(
 pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError> {
     let hash = hash_token(token);
     let now = state.now_millis();
-    let uid = state
+    let from = state.config.mail.from.clone();
+    let (uid, revoked) = state
         .storage
         .write(move |c| {
             let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
                 .ok_or(AuthError::InvalidGrant)?;
             sa::set_email_verified(c, &uid, now)?;
-            audit(
-                c,
-                Some(&uid),
-                "email_verified",
-                &Client::default(),
-                None,
-                now,
-            )?;
-            Ok::<_, AuthError>(uid)
+            let client = Client::default();
+            // A session may have come from a removed identity: all of them end.
+            let revoked = if drop_unverified_identities(c, &uid, &from, &client, now)? {
+                users::bump_token_version(c, &uid, now)?;
+                users::revoke_user_sessions(c, &uid, None, "identity_removed", now)?
+            } else {
+                Vec::new()
+            };
+            audit(c, Some(&uid), "email_verified", &client, None, now)?;
+            Ok::<_, AuthError>((uid, revoked))
         })
         .await?;
+    if !revoked.is_empty() {
+        state.jobs.notify(super::mail::QUEUE);
+    }
     state.auth.invalidate_user(&uid).await;
+    state.auth.invalidate_sessions(&revoked).await;
     Ok(())
 }
 

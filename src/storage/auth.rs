@@ -182,6 +182,70 @@ pub fn consume_one_time_token(
         .optional()?)
 }
 
+/// A one-time token that only the browser holding the binding cookie may redeem (the
+/// OAuth exchange code).
+pub fn insert_bound_token(
+    conn: &Connection,
+    hash: &[u8],
+    purpose: &str,
+    user_id: &str,
+    browser_hash: &[u8],
+    expires_at: Millis,
+    now: Millis,
+) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT INTO one_time_tokens (hash, purpose, user_id, browser_hash, expires_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![hash, purpose, user_id, browser_hash, expires_at, now],
+    )?;
+    Ok(())
+}
+
+/// What redeeming a browser-bound token found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundToken {
+    /// Consumed; its user.
+    Consumed(String),
+    /// Live, but bound to another browser: left unused, so a foreign attempt cannot burn
+    /// the real browser's code.
+    OtherBrowser,
+    /// Unknown, used, expired or of another purpose.
+    Invalid,
+}
+
+pub fn consume_bound_token(
+    conn: &Connection,
+    hash: &[u8],
+    purpose: &str,
+    browser_hash: &[u8],
+    now: Millis,
+) -> Result<BoundToken, StorageError> {
+    let consumed: Option<String> = conn
+        .prepare_cached(
+            "UPDATE one_time_tokens SET used_at = ?3
+             WHERE hash = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3
+               AND browser_hash = ?4
+             RETURNING user_id",
+        )?
+        .query_row(params![hash, purpose, now, browser_hash], |r| r.get(0))
+        .optional()?;
+    if let Some(uid) = consumed {
+        return Ok(BoundToken::Consumed(uid));
+    }
+    let live: Option<i64> = conn
+        .prepare_cached(
+            "SELECT 1 FROM one_time_tokens
+             WHERE hash = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3",
+        )?
+        .query_row(params![hash, purpose, now], |r| r.get(0))
+        .optional()?;
+    Ok(if live.is_some() {
+        BoundToken::OtherBrowser
+    } else {
+        BoundToken::Invalid
+    })
+}
+
 /// Deletes expired one-time tokens and OAuth states.
 pub fn purge_expired(conn: &Connection, now: Millis) -> Result<usize, StorageError> {
     let a = conn.execute("DELETE FROM one_time_tokens WHERE expires_at < ?1", [now])?;
@@ -240,24 +304,45 @@ pub fn identities_of(conn: &Connection, user_id: &str) -> Result<Vec<IdentityRow
     Ok(rows)
 }
 
+/// `linked_unverified`: the account's email is not verified by warpbase at this moment;
+/// such an identity is removed when the address gets verified
+/// ([`remove_unverified_identities`]).
 pub fn insert_identity(
     conn: &Connection,
     i: &IdentityRow,
+    linked_unverified: bool,
     now: Millis,
 ) -> Result<(), StorageError> {
     conn.execute(
-        "INSERT INTO identities (provider, subject, user_id, email, email_verified, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO identities (provider, subject, user_id, email, email_verified, linked_unverified, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             i.provider,
             i.subject,
             i.user_id,
             i.email,
             i.email_verified,
+            linked_unverified,
             now
         ],
     )?;
     Ok(())
+}
+
+/// Deletes the user's identities that were linked while the account's email was
+/// unverified; returns their providers.
+pub fn remove_unverified_identities(
+    conn: &Connection,
+    user_id: &str,
+) -> Result<Vec<String>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "DELETE FROM identities WHERE user_id = ?1 AND linked_unverified = 1 RETURNING provider",
+    )?;
+    let mut providers = stmt
+        .query_map([user_id], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    providers.sort();
+    Ok(providers)
 }
 
 /// Keeps an identity's email as the provider last reported it (shown on the account page).
@@ -292,6 +377,8 @@ pub struct OAuthState<'a> {
     pub pkce_verifier: &'a str,
     pub nonce: Option<&'a str>,
     pub link_user_id: Option<&'a str>,
+    /// SHA-256 of the browser-binding cookie of the browser that started the flow.
+    pub browser_hash: &'a [u8],
     pub expires_at: Millis,
 }
 
@@ -301,27 +388,43 @@ pub fn insert_oauth_state(
     now: Millis,
 ) -> Result<(), StorageError> {
     conn.execute(
-        "INSERT INTO oauth_states (state, provider, pkce_verifier, nonce, link_user_id, expires_at, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![s.state, s.provider, s.pkce_verifier, s.nonce, s.link_user_id, s.expires_at, now],
+        "INSERT INTO oauth_states (state, provider, pkce_verifier, nonce, link_user_id, browser_hash, expires_at, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![s.state, s.provider, s.pkce_verifier, s.nonce, s.link_user_id, s.browser_hash, s.expires_at, now],
     )?;
     Ok(())
 }
 
-/// Takes (deletes and returns) an unexpired state: (provider, verifier, nonce, link user).
-#[allow(clippy::type_complexity)]
+/// A state row taken by the callback.
+#[derive(Debug, Clone)]
+pub struct TakenState {
+    pub provider: String,
+    pub pkce_verifier: String,
+    pub nonce: Option<String>,
+    pub link_user_id: Option<String>,
+    /// `None` for rows from before browser binding: they match no browser.
+    pub browser_hash: Option<Vec<u8>>,
+}
+
+/// Takes (deletes and returns) an unexpired state.
 pub fn take_oauth_state(
     conn: &Connection,
     state: &str,
     now: Millis,
-) -> Result<Option<(String, String, Option<String>, Option<String>)>, StorageError> {
+) -> Result<Option<TakenState>, StorageError> {
     Ok(conn
         .prepare_cached(
             "DELETE FROM oauth_states WHERE state = ?1 AND expires_at > ?2
-             RETURNING provider, pkce_verifier, nonce, link_user_id",
+             RETURNING provider, pkce_verifier, nonce, link_user_id, browser_hash",
         )?
         .query_row(params![state, now], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            Ok(TakenState {
+                provider: r.get(0)?,
+                pkce_verifier: r.get(1)?,
+                nonce: r.get(2)?,
+                link_user_id: r.get(3)?,
+                browser_hash: r.get(4)?,
+            })
         })
         .optional()?)
 }

@@ -248,11 +248,13 @@ pub struct NewSession<'a> {
     pub now: Millis,
 }
 
+/// A new session is always the result of an authentication (password, OAuth exchange,
+/// registration), so its `auth_time` is its creation; refresh rotation keeps it.
 pub fn insert_session(conn: &Connection, s: &NewSession<'_>) -> Result<(), StorageError> {
     conn.execute(
         "INSERT INTO sessions (id, user_id, refresh_hash, refresh_expires_at, user_agent, ip,
-                               created_at, last_used_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                               created_at, last_used_at, auth_time)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?7)",
         params![
             s.id,
             s.user_id,
@@ -264,6 +266,16 @@ pub fn insert_session(conn: &Connection, s: &NewSession<'_>) -> Result<(), Stora
         ],
     )?;
     Ok(())
+}
+
+/// When the session's user last authenticated; `None` for an unknown session or one from
+/// before `auth_time` was recorded (treated as long ago).
+pub fn session_auth_time(conn: &Connection, id: &str) -> Result<Option<Millis>, StorageError> {
+    Ok(conn
+        .prepare_cached("SELECT auth_time FROM sessions WHERE id = ?1")?
+        .query_row([id], |r| r.get::<_, Option<Millis>>(0))
+        .optional()?
+        .flatten())
 }
 
 /// `Some(true)` if the session exists and is live, `Some(false)` if revoked, `None` if unknown.

@@ -16,6 +16,7 @@ mod jobs;
 mod oauth;
 mod openapi;
 mod ops;
+mod sec_a;
 mod sec_d;
 mod sec_e;
 mod stripe_real;

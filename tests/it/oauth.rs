@@ -27,8 +27,8 @@ use warpbase::config::{OAuthProviderConfig, Secret};
 const CLIENT_ID: &str = "test-client";
 const CLIENT_SECRET: &str = "s3cret-client-value";
 /// Where "browsers" reach warpbase; only ever parsed, never fetched.
-const PUBLIC_URL: &str = "http://ui.warpbase.test";
-const PW: &str = "correct horse battery";
+pub(crate) const PUBLIC_URL: &str = "http://ui.warpbase.test";
+pub(crate) const PW: &str = "correct horse battery";
 
 // A test RSA key (`openssl genrsa 2048`, PKCS#8) and its public half as JWK n/e; it signs
 // nothing outside tests (the same key as src/auth/oauth_tests.rs).
@@ -68,14 +68,14 @@ const RSA_N: &str = "nneWB8dsW4dUT2VWoygKvQqhaCxsg074LC5hDPibT4RaRSCT-aoN5S3Qf-u
 
 /// Who the next user to consent at the fake is. Captured per authorization code.
 #[derive(Clone, Debug)]
-struct Person {
-    id: u64,
-    login: String,
+pub(crate) struct Person {
+    pub(crate) id: u64,
+    pub(crate) login: String,
     /// Primary address and whether the provider verified it; `None`: no email at all.
-    email: Option<(String, bool)>,
+    pub(crate) email: Option<(String, bool)>,
 }
 
-fn person(id: u64, email: &str, verified: bool) -> Person {
+pub(crate) fn person(id: u64, email: &str, verified: bool) -> Person {
     Person {
         id,
         login: format!("user{id}"),
@@ -92,7 +92,7 @@ struct Grant {
 }
 
 #[derive(Default)]
-struct FakeState {
+pub(crate) struct FakeState {
     base: String,
     next: Option<Person>,
     grants: HashMap<String, Grant>,
@@ -100,18 +100,18 @@ struct FakeState {
     /// Token requests refused because the verifier did not match the challenge.
     pkce_failures: usize,
     /// Token requests that got an access token.
-    issued: usize,
+    pub(crate) issued: usize,
 }
 
 type Shared = Arc<Mutex<FakeState>>;
 
-struct Fake {
-    base: String,
+pub(crate) struct Fake {
+    pub(crate) base: String,
     state: Shared,
 }
 
 impl Fake {
-    async fn start() -> Fake {
+    pub(crate) async fn start() -> Fake {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind fake");
@@ -132,11 +132,11 @@ impl Fake {
         Fake { base, state }
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
         f(&mut self.state.lock().expect("fake state"))
     }
 
-    fn github(&self) -> OAuthProviderConfig {
+    pub(crate) fn github(&self) -> OAuthProviderConfig {
         OAuthProviderConfig {
             client_id: CLIENT_ID.into(),
             client_secret: Secret::new(CLIENT_SECRET),
@@ -147,7 +147,7 @@ impl Fake {
         }
     }
 
-    fn oidc(&self) -> OAuthProviderConfig {
+    pub(crate) fn oidc(&self) -> OAuthProviderConfig {
         OAuthProviderConfig {
             client_id: CLIENT_ID.into(),
             client_secret: Secret::new(CLIENT_SECRET),
@@ -159,7 +159,12 @@ impl Fake {
 
     /// The user consents at the provider's authorize URL: returns `(code, state)` from the
     /// provider's redirect back to our callback.
-    async fn consent(&self, http: &reqwest::Client, authorize_url: &str, who: Person) -> Consent {
+    pub(crate) async fn consent(
+        &self,
+        http: &reqwest::Client,
+        authorize_url: &str,
+        who: Person,
+    ) -> Consent {
         self.with(|s| s.next = Some(who));
         let r = http
             .get(authorize_url)
@@ -182,10 +187,10 @@ impl Fake {
     }
 }
 
-struct Consent {
-    callback_path: String,
-    code: String,
-    state: String,
+pub(crate) struct Consent {
+    pub(crate) callback_path: String,
+    pub(crate) code: String,
+    pub(crate) state: String,
 }
 
 async fn fake_authorize(
@@ -343,18 +348,21 @@ async fn fake_jwks() -> Json<Value> {
 // ---------------------------------------------------------------------------------------
 // Driving the flow
 
-struct Env {
-    app: TestApp,
-    fake: Fake,
+pub(crate) struct Env {
+    pub(crate) app: TestApp,
+    pub(crate) fake: Fake,
     /// A plain client for the provider's side (no redirects followed).
-    http: reqwest::Client,
+    pub(crate) http: reqwest::Client,
+    /// The browser-binding cookie (`name=value`) of the one browser the test drives: set
+    /// by authorize and link, sent with callbacks and exchanges.
+    pub(crate) jar: Mutex<Option<String>>,
 }
 
-async fn env() -> Env {
+pub(crate) async fn env() -> Env {
     env_with_clock(None).await
 }
 
-async fn env_with_clock(clock: Option<Arc<ManualClock>>) -> Env {
+pub(crate) async fn env_with_clock(clock: Option<Arc<ManualClock>>) -> Env {
     let fake = Fake::start().await;
     let (github, oidc) = (fake.github(), fake.oidc());
     let opts = AppOptions {
@@ -376,10 +384,21 @@ async fn env_with_clock(clock: Option<Arc<ManualClock>>) -> Env {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
-    Env { app, fake, http }
+    Env {
+        app,
+        fake,
+        http,
+        jar: Mutex::new(None),
+    }
 }
 
-fn location(r: &reqwest::Response) -> String {
+/// The `name=value` of the response's `Set-Cookie`, if any.
+pub(crate) fn set_cookie(r: &reqwest::Response) -> Option<String> {
+    let v = r.headers().get("set-cookie")?.to_str().ok()?;
+    Some(v.split(';').next()?.trim().to_string())
+}
+
+pub(crate) fn location(r: &reqwest::Response) -> String {
     r.headers()
         .get("location")
         .and_then(|v| v.to_str().ok())
@@ -388,7 +407,7 @@ fn location(r: &reqwest::Response) -> String {
 }
 
 /// Where the callback sent the browser: `Ok(exchange code)` or `Err((error code, detail))`.
-fn outcome(location: &str) -> Result<String, (String, String)> {
+pub(crate) fn outcome(location: &str) -> Result<String, (String, String)> {
     let (base, fragment) = location.split_once("/#/").expect("a UI fragment URL");
     assert_eq!(base, PUBLIC_URL, "redirects go to the public URL");
     let (route, query) = fragment.split_once('?').expect("a query in the fragment");
@@ -406,7 +425,7 @@ fn outcome(location: &str) -> Result<String, (String, String)> {
     }
 }
 
-fn url_pairs(query: &str) -> HashMap<String, String> {
+pub(crate) fn url_pairs(query: &str) -> HashMap<String, String> {
     Url::parse(&format!("http://x/?{query}"))
         .expect("query")
         .query_pairs()
@@ -416,27 +435,31 @@ fn url_pairs(query: &str) -> HashMap<String, String> {
 
 impl Env {
     /// `GET /authorize` → the provider URL it redirects to.
-    async fn authorize(&self, provider: &str) -> String {
+    pub(crate) async fn authorize(&self, provider: &str) -> String {
         let r = self
             .app
             .get(&format!("/api/v1/auth/oauth/{provider}/authorize"), None)
             .await;
         assert_eq!(r.status(), 302, "authorize redirects");
         assert_eq!(r.headers()["cache-control"], "no-store");
+        self.keep_cookie(&r);
         location(&r)
     }
 
     /// `POST /link` as `token` → the provider URL.
-    async fn link_url(&self, provider: &str, token: &str) -> String {
-        let r = self
+    pub(crate) async fn link_url(&self, provider: &str, token: &str) -> String {
+        let mut req = self
             .app
-            .post_json(
-                &format!("/api/v1/auth/oauth/{provider}/link"),
-                Some(token),
-                &json!({}),
-            )
-            .await;
+            .client
+            .post(self.app.url(&format!("/api/v1/auth/oauth/{provider}/link")))
+            .bearer_auth(token)
+            .json(&json!({}));
+        if let Some(c) = self.cookie() {
+            req = req.header("cookie", c);
+        }
+        let r = req.send().await.expect("link");
         assert_eq!(r.status(), 200, "link starts");
+        self.keep_cookie(&r);
         let body: Value = r.json().await.expect("json");
         body["authorize_url"]
             .as_str()
@@ -444,18 +467,39 @@ impl Env {
             .to_string()
     }
 
+    pub(crate) fn cookie(&self) -> Option<String> {
+        self.jar.lock().expect("jar").clone()
+    }
+
+    fn keep_cookie(&self, r: &reqwest::Response) {
+        if let Some(c) = set_cookie(r) {
+            *self.jar.lock().expect("jar") = Some(c);
+        }
+    }
+
+    /// Our callback as this test's browser (with its binding cookie).
     async fn callback_raw(&self, path: &str, query: &[(&str, &str)]) -> reqwest::Response {
-        let url = Url::parse_with_params(&self.app.url(path), query).expect("url");
-        self.app
-            .client
-            .get(url)
-            .send()
+        self.callback_as(self.cookie().as_deref(), path, query)
             .await
-            .expect("callback request")
+    }
+
+    /// Our callback from a browser with the given cookie (`None`: no cookie at all).
+    pub(crate) async fn callback_as(
+        &self,
+        cookie: Option<&str>,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let url = Url::parse_with_params(&self.app.url(path), query).expect("url");
+        let mut req = self.app.client.get(url);
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send().await.expect("callback request")
     }
 
     /// Our callback for a consent → where it sent the browser.
-    async fn callback(&self, c: &Consent) -> Result<String, (String, String)> {
+    pub(crate) async fn callback(&self, c: &Consent) -> Result<String, (String, String)> {
         let r = self
             .callback_raw(&c.callback_path, &[("code", &c.code), ("state", &c.state)])
             .await;
@@ -464,24 +508,35 @@ impl Env {
     }
 
     /// authorize → consent → callback.
-    async fn sign_in(&self, provider: &str, who: Person) -> Result<String, (String, String)> {
+    pub(crate) async fn sign_in(
+        &self,
+        provider: &str,
+        who: Person,
+    ) -> Result<String, (String, String)> {
         let url = self.authorize(provider).await;
         let consent = self.fake.consent(&self.http, &url, who).await;
         self.callback(&consent).await
     }
 
-    async fn exchange(&self, code: &str) -> reqwest::Response {
-        self.app
-            .post_json(
-                "/api/v1/auth/oauth/exchange",
-                None,
-                &json!({ "code": code }),
-            )
-            .await
+    pub(crate) async fn exchange(&self, code: &str) -> reqwest::Response {
+        self.exchange_as(self.cookie().as_deref(), code).await
+    }
+
+    /// The exchange from a browser with the given cookie (`None`: no cookie at all).
+    pub(crate) async fn exchange_as(&self, cookie: Option<&str>, code: &str) -> reqwest::Response {
+        let mut req = self
+            .app
+            .client
+            .post(self.app.url("/api/v1/auth/oauth/exchange"))
+            .json(&json!({ "code": code }));
+        if let Some(c) = cookie {
+            req = req.header("cookie", c);
+        }
+        req.send().await.expect("exchange request")
     }
 
     /// The whole flow up to tokens; panics on a refusal.
-    async fn sign_in_ok(&self, provider: &str, who: Person) -> Value {
+    pub(crate) async fn sign_in_ok(&self, provider: &str, who: Person) -> Value {
         let code = self
             .sign_in(provider, who)
             .await
@@ -491,13 +546,13 @@ impl Env {
         r.json().await.expect("json")
     }
 
-    async fn me(&self, token: &str) -> Value {
+    pub(crate) async fn me(&self, token: &str) -> Value {
         let r = self.app.get("/api/v1/me", Some(token)).await;
         assert_eq!(r.status(), 200, "me");
         r.json().await.expect("json")
     }
 
-    async fn register(&self, email: &str) -> Value {
+    pub(crate) async fn register(&self, email: &str) -> Value {
         let r = self
             .app
             .post_json(
@@ -510,7 +565,7 @@ impl Env {
         r.json().await.expect("json")
     }
 
-    async fn audit_events(&self, user_id: &str) -> Vec<String> {
+    pub(crate) async fn audit_events(&self, user_id: &str) -> Vec<String> {
         let uid = user_id.to_string();
         self.app
             .state()
@@ -523,12 +578,12 @@ impl Env {
             .collect()
     }
 
-    async fn sql_count(&self, sql: &'static str) -> i64 {
+    pub(crate) async fn sql_count(&self, sql: &'static str) -> i64 {
         self.app.db_i64(sql, vec![]).await.expect("count")
     }
 }
 
-fn token(v: &Value) -> &str {
+pub(crate) fn token(v: &Value) -> &str {
     v["access_token"].as_str().expect("access_token")
 }
 
@@ -833,15 +888,24 @@ async fn oidc_sign_in_creates_a_user_from_the_id_token() {
     assert!(!q["nonce"].is_empty(), "OIDC requests carry a nonce");
     let consent = env
         .fake
-        .consent(&env.http, &url, person(20, "new@example.com", false))
+        .consent(&env.http, &url, person(20, "new@example.com", true))
         .await;
     let code = env.callback(&consent).await.expect("signed in");
     let signed: Value = env.exchange(&code).await.json().await.expect("json");
     assert_eq!(signed["user"]["email"], "new@example.com");
-    assert_eq!(
-        signed["user"]["email_verified"], false,
-        "email_verified comes from the provider"
+    assert_eq!(signed["user"]["email_verified"], true);
+
+    // `email_verified: false` claims no address (docs/API.md "Linking rule").
+    let (code, detail) = env
+        .sign_in("oidc", person(21, "other@example.com", false))
+        .await
+        .expect_err("refused");
+    assert_eq!(code, "provider_error");
+    assert!(
+        detail.contains("verify your email at the provider first"),
+        "{detail}"
     );
+    assert_eq!(env.sql_count("SELECT COUNT(*) FROM users").await, 1);
     env.app.shutdown().await;
 }
 

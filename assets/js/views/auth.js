@@ -150,7 +150,7 @@ export async function oauthComplete(ctx) {
   } catch (e) {
     const text = e.code === 'invalid_grant'
       ? 'This sign-in link has expired or was already used. Please try again.'
-      : e.detail;
+      : e.code === 'invalid_state' ? OAUTH_ERRORS.invalid_state : e.detail;
     return card('Sign-in failed', null, notice('error', text), backToSignIn());
   }
 }
@@ -159,7 +159,8 @@ const OAUTH_ERRORS = {
   invalid_state: 'The sign-in took too long or was started in another window. Please try again.',
   account_exists: 'An account with this email already exists. Sign in with your password, then link this provider from your Account page.',
   access_denied: 'The provider did not grant access.',
-  provider_error: 'The provider reported an error. Please try again later.',
+  // Static text on purpose: the `detail` in the URL could be anyone's.
+  provider_error: 'The provider reported an error, or has not verified your email address yet (verify it at the provider first). Please try again later.',
   identity_in_use: 'This provider account is already linked to another warpbase account.',
   already_linked: 'Your account already has an identity from this provider. Unlink it first.',
   account_disabled: 'This account is disabled. Contact the administrator.',
