@@ -112,9 +112,9 @@ pub struct AuthConfig {
     pub rate_limit: u32,
     #[serde(with = "duration")]
     pub rate_window: Duration,
-    /// Failed sign-ins per (email, client network) before each further one costs a delay.
+    /// Failed sign-ins per (email, client network) after which the next attempt waits.
     pub lockout_free_failures: u32,
-    /// The delay after the first failure beyond the free ones; doubles per failure.
+    /// The first such wait; doubles with each further failure. 0 disables the backoff.
     #[serde(with = "duration")]
     pub lockout_delay: Duration,
     #[serde(with = "duration")]

@@ -145,9 +145,9 @@ pub fn client_network(ip: Option<&str>) -> String {
 /// When failures start to cost delay, how it grows, and when it is forgotten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {
-    /// Failures allowed before any delay.
+    /// Failures that cost no delay; the next attempt after this many waits.
     pub free_failures: u32,
-    /// The delay after the first failure beyond the free ones; it doubles with each.
+    /// The first delay; it doubles with each further failure.
     pub base_delay: Duration,
     pub max_delay: Duration,
 }
@@ -160,8 +160,8 @@ struct Failures {
 }
 
 /// Failure counting with growing delays. Only failures count; a success resets the key.
-/// After `free_failures` failures each further failure refuses the key for
-/// `base_delay × 2^(n − 1)` (n = failures beyond the free ones), at most `max_delay`.
+/// From the `free_failures`-th failure on, the n-th failure (n counted from there, from 0)
+/// refuses the key for `base_delay × 2^n`, at most `max_delay`.
 /// Refused attempts neither count nor extend the delay: the attacker's requests cannot
 /// push a delay further out than its own failures did.
 #[derive(Clone)]
@@ -228,9 +228,9 @@ impl FailureBackoff {
         });
         let mut f = entry.lock().unwrap_or_else(|p| p.into_inner());
         f.count = f.count.saturating_add(1);
-        if f.count > self.policy.free_failures {
-            let beyond = f.count - self.policy.free_failures;
-            let factor = 1u32.checked_shl(beyond - 1).unwrap_or(u32::MAX);
+        if f.count >= self.policy.free_failures.max(1) {
+            let beyond = f.count - self.policy.free_failures.max(1);
+            let factor = 1u32.checked_shl(beyond).unwrap_or(u32::MAX);
             let delay = self
                 .policy
                 .base_delay
@@ -313,7 +313,7 @@ mod tests {
 
     #[test]
     fn success_resets_and_keys_are_independent() {
-        let b = backoff(1);
+        let b = backoff(2);
         let t0 = Instant::now();
         b.failure_at("a", t0);
         b.failure_at("a", t0);
