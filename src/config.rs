@@ -39,6 +39,17 @@ pub struct Config {
     pub max_json_bytes: usize,
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// A connection must deliver a request's whole head within this (slow-header guard).
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes read or written for this long is closed (idle keep-alive,
+    /// stalled bodies). 0 disables.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Open connections allowed per peer address; `trusted_proxies` are exempt. 0 = no cap.
+    pub max_connections_per_ip: u32,
+    /// Largest request head (sum of header names and values); larger is 431.
+    pub max_header_bytes: usize,
     /// How long shutdown waits for requests and jobs in flight.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
@@ -65,6 +76,10 @@ impl Default for Config {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
             max_json_bytes: 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_ip: 256,
+            max_header_bytes: 32 * 1024,
             shutdown_grace: Duration::from_secs(20),
             min_free_bytes: 64 * 1024 * 1024,
             auth: AuthConfig::default(),
@@ -100,7 +115,7 @@ pub struct AuthConfig {
     pub refresh_reuse_window: Duration,
     /// HS256 key for access tokens; generated into `data_dir` when unset.
     pub jwt_secret: Option<Secret>,
-    /// Login/register/reset attempts allowed per client IP and per email in `rate_window`.
+    /// Requests to the unauthenticated auth routes allowed per client IP in `rate_window`.
     pub rate_limit: u32,
     #[serde(with = "duration")]
     pub rate_window: Duration,
@@ -108,6 +123,16 @@ pub struct AuthConfig {
     /// has none (an OAuth-only account).
     #[serde(with = "duration")]
     pub step_up_window: Duration,
+    /// Failed sign-ins per (email, client network) after which the next attempt waits.
+    pub lockout_free_failures: u32,
+    /// The first such wait; doubles with each further failure. 0 disables the backoff.
+    #[serde(with = "duration")]
+    pub lockout_delay: Duration,
+    #[serde(with = "duration")]
+    pub lockout_max_delay: Duration,
+    /// At most one verification or reset mail per address in this interval.
+    #[serde(with = "duration")]
+    pub mail_interval: Duration,
     pub oauth: OAuthConfig,
 }
 
@@ -121,6 +146,10 @@ impl Default for AuthConfig {
             rate_limit: 10,
             rate_window: Duration::from_secs(60),
             step_up_window: Duration::from_secs(600),
+            lockout_free_failures: 5,
+            lockout_delay: Duration::from_secs(1),
+            lockout_max_delay: Duration::from_secs(15 * 60),
+            mail_interval: Duration::from_secs(5 * 60),
             oauth: OAuthConfig::default(),
         }
     }

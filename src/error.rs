@@ -121,6 +121,7 @@ impl ApiError {
             415 => ("unsupported_media_type", "unsupported content type"),
             422 => ("invalid_input", "the request is invalid"),
             429 => ("rate_limited", "too many requests"),
+            431 => ("headers_too_large", "the request headers are too large"),
             503 => ("unavailable", "temporarily unavailable"),
             504 => ("timeout", "the request took too long"),
             s if s >= 500 => ("internal", "an internal error occurred"),

@@ -28,7 +28,10 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The whole application router with its middleware.
 pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
-    let timeout = state.config.request_timeout;
+    let edge_limits = EdgeLimits {
+        timeout: state.config.request_timeout,
+        max_header_bytes: state.config.max_header_bytes,
+    };
     let json_limit = state.config.max_json_bytes;
     let app = Router::new()
         .merge(crate::ops::router())
@@ -40,8 +43,34 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
         .fallback(crate::web::fallback)
         .layer(axum::extract::DefaultBodyLimit::max(json_limit));
     app.layer(CompressionLayer::new())
-        .layer(middleware::from_fn_with_state(timeout, edge))
+        .layer(middleware::from_fn_with_state(edge_limits, edge))
         .with_state(state)
+}
+
+/// Headers a request may carry; more is 431 (hyper refuses beyond
+/// [`crate::serve::HYPER_MAX_HEADERS`] on its own, without a problem body).
+pub const MAX_HEADERS: usize = 100;
+
+/// What the edge enforces on every request.
+#[derive(Debug, Clone, Copy)]
+struct EdgeLimits {
+    timeout: Duration,
+    max_header_bytes: usize,
+}
+
+/// True when the request head is larger than allowed (names and values, as counted by
+/// `max_header_bytes`, or more than [`MAX_HEADERS`] headers).
+fn headers_too_large(req: &Request, max_bytes: usize) -> bool {
+    let headers = req.headers();
+    if headers.len() > MAX_HEADERS {
+        return true;
+    }
+    let bytes: usize = req.uri().to_string().len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum::<usize>();
+    bytes > max_bytes
 }
 
 fn panic_response() -> Response {
@@ -61,10 +90,13 @@ fn panic_response() -> Response {
 /// - errors rendered as problem+json carrying the request id;
 /// - the security headers, unless the response set its own;
 /// - `http_requests_total{route,status}` and `http_request_duration_seconds{route}`.
-async fn edge(State(timeout): State<Duration>, mut req: Request, next: Next) -> Response {
+async fn edge(State(limits): State<EdgeLimits>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
+    let timeout = limits.timeout;
+    let too_large = headers_too_large(&req, limits.max_header_bytes);
     let request_id = match req.headers().get(&REQUEST_ID) {
-        Some(v) if !v.is_empty() => v.clone(),
+        // A client's id is echoed only from a head we accept; a huge one would be echoed.
+        Some(v) if !v.is_empty() && !too_large => v.clone(),
         _ => {
             let id = HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("-"));
@@ -75,9 +107,18 @@ async fn edge(State(timeout): State<Duration>, mut req: Request, next: Next) -> 
     let id = request_id.to_str().unwrap_or("");
     let span = tracing::debug_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id);
     let route = req.extensions().get::<MatchedPath>().cloned();
-    let handled = tokio::time::timeout(timeout, AssertUnwindSafe(next.run(req)).catch_unwind())
-        .instrument(span.clone())
-        .await;
+    let handled = if too_large {
+        Ok(Ok(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            "the request headers are too large or too many",
+        )
+        .into_response()))
+    } else {
+        tokio::time::timeout(timeout, AssertUnwindSafe(next.run(req)).catch_unwind())
+            .instrument(span.clone())
+            .await
+    };
     let resp = match handled {
         Ok(Ok(resp)) => resp,
         Ok(Err(_panic)) => panic_response(),

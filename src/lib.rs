@@ -19,6 +19,7 @@ pub mod logging;
 pub mod openapi;
 pub mod ops;
 pub mod secrets;
+pub mod serve;
 pub mod state;
 pub mod storage;
 pub mod web;
@@ -192,14 +193,12 @@ impl App {
         auth::epoch::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
-        let server = tokio::spawn(
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .into_future(),
-        );
+        let server = tokio::spawn(serve::serve(
+            listener,
+            router,
+            serve::ConnLimits::from_config(&state.config),
+            stop,
+        ));
         let metrics_server = metrics_listener.map(|l| {
             let stop = token.clone();
             tokio::spawn(
@@ -247,8 +246,7 @@ impl App {
 
         let deadline = tokio::time::Instant::now() + grace;
         match tokio::time::timeout_at(deadline, server).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "server error"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
             Err(_) => tracing::warn!("requests still running after the grace period; closing them"),
         }

@@ -115,6 +115,9 @@ impl From<AuthError> for ApiError {
     }
 }
 
+/// Background writes (reset requests) pending at once; beyond it requests are dropped.
+pub const MAX_BACKGROUND_WRITES: usize = 1024;
+
 /// Tokens handed to a client after sign-in, refresh or password change.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct TokenPair {
@@ -172,7 +175,14 @@ struct Inner {
     hasher: password::PasswordHasher,
     /// The enabled OAuth providers (none when nothing is configured).
     oauth: oauth::OAuthProviders,
+    /// Per client IP, on every unauthenticated route that costs work or writes.
     limiter: ratelimit::RateLimiter,
+    /// Failed sign-ins per (email, client network).
+    backoff: ratelimit::FailureBackoff,
+    /// One verification or reset mail per address per `auth.mail_interval`.
+    mail_limiter: ratelimit::RateLimiter,
+    /// Background writes started by requests that do not wait for them (reset requests).
+    background: Arc<tokio::sync::Semaphore>,
     /// user id → what every request checks. Invalidated after commits that change it.
     user_states: Loaded<String, UserAuthState>,
     /// session id → (user id, live). Invalidated after revocations.
@@ -308,6 +318,19 @@ impl Auth {
                     ratelimit::RatePolicy::new(config.auth.rate_limit, config.auth.rate_window),
                     100_000,
                 ),
+                backoff: ratelimit::FailureBackoff::new(
+                    ratelimit::BackoffPolicy {
+                        free_failures: config.auth.lockout_free_failures,
+                        base_delay: config.auth.lockout_delay,
+                        max_delay: config.auth.lockout_max_delay,
+                    },
+                    100_000,
+                ),
+                mail_limiter: ratelimit::RateLimiter::new(
+                    ratelimit::RatePolicy::new(1, config.auth.mail_interval),
+                    100_000,
+                ),
+                background: Arc::new(tokio::sync::Semaphore::new(MAX_BACKGROUND_WRITES)),
                 user_states: Loaded::new(100_000, cache_ttl),
                 sessions: Loaded::new(200_000, cache_ttl),
                 profiles: Loaded::new(100_000, cache_ttl),
@@ -536,9 +559,25 @@ impl Auth {
         &self.inner.hasher
     }
 
-    /// The attempt limiter shared by login, register and reset (keys `ip:` and `email:`).
+    /// The per-IP limiter of the unauthenticated auth routes (keys `ip:`, `ip-token:`).
     pub fn limiters(&self) -> &ratelimit::RateLimiter {
         &self.inner.limiter
+    }
+
+    /// The sign-in failure backoff, keyed by (email, client network).
+    pub fn backoff(&self) -> &ratelimit::FailureBackoff {
+        &self.inner.backoff
+    }
+
+    /// A slot for a background write, or `None` when [`MAX_BACKGROUND_WRITES`] are
+    /// pending (the request is then dropped, not queued without bound).
+    pub fn try_background(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inner.background.clone().try_acquire_owned().ok()
+    }
+
+    /// At most one mail per address and `auth.mail_interval` (keys `verify:`, `reset:`).
+    pub fn mail_limiter(&self) -> &ratelimit::RateLimiter {
+        &self.inner.mail_limiter
     }
 
     pub fn storage(&self) -> &Storage {

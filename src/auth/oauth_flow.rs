@@ -564,6 +564,7 @@ pub async fn exchange(
     code: &str,
     browser: Option<&str>,
 ) -> Result<(TokenPair, UserRow), AuthError> {
+    super::service::limit_ip(state, client, super::service::IP_TOKENS)?;
     if code.is_empty() || code.len() > 256 {
         return Err(AuthError::InvalidGrant);
     }

@@ -7,9 +7,14 @@
 //! Must not: touch storage, log or return passwords, or run argon2 on an async worker
 //! thread — every hash runs in `spawn_blocking` behind a semaphore, so a login flood
 //! queues instead of starving the runtime.
+//!
+//! Two pools: verifications (sign-in) and new hashes (register, reset, password change)
+//! each have their own permits and their own queue bound, so a flood of registrations or
+//! resets fills only its own queue and is refused there (503), while sign-ins keep
+//! their capacity. The hash pool is the smaller one (half the verify permits, at least 1).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
@@ -54,19 +59,47 @@ pub struct PasswordHasher {
 
 struct Inner {
     argon: Argon2<'static>,
-    permits: Semaphore,
-    /// Requests holding or waiting for a permit; bounded by `max_in_flight`.
-    in_flight: AtomicUsize,
-    max_in_flight: usize,
+    /// Verifications: sign-in and the current-password check.
+    verify_pool: Pool,
+    /// New hashes: register, reset, password change, rehash after login.
+    hash_pool: Pool,
+    /// Argon2 runs started, for tests and metrics (a refused request starts none).
+    runs: AtomicU64,
     /// A valid PHC string with our parameters whose password nobody knows; verifying an
     /// unknown account against it costs the same as a real verification.
     dummy_phc: String,
 }
 
+/// Permits plus a bound on the requests holding or waiting for one.
+struct Pool {
+    permits: Semaphore,
+    /// Requests holding or waiting for a permit; bounded by `max_in_flight`.
+    in_flight: AtomicUsize,
+    max_in_flight: usize,
+}
+
+impl Pool {
+    fn new(permits: usize) -> Pool {
+        let permits = permits.max(1);
+        Pool {
+            permits: Semaphore::new(permits),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: permits * (QUEUE_PER_PERMIT + 1),
+        }
+    }
+}
+
 impl std::fmt::Debug for PasswordHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PasswordHasher")
-            .field("permits", &self.inner.permits.available_permits())
+            .field(
+                "verify_permits",
+                &self.inner.verify_pool.permits.available_permits(),
+            )
+            .field(
+                "hash_permits",
+                &self.inner.hash_pool.permits.available_permits(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -86,7 +119,8 @@ impl PasswordHasher {
         PasswordHasher::with_permits(cpus.saturating_sub(1))
     }
 
-    /// `permits` concurrent hashes at most (at least 1); mostly for tests and tuning.
+    /// `permits` concurrent verifications at most (at least 1), and half as many new
+    /// hashes (at least 1) in a pool of their own; mostly for tests and tuning.
     pub fn with_permits(permits: usize) -> PasswordHasher {
         let permits = permits.max(1);
         let params = Params::new(M_COST_KIB, T_COST, P_COST, None)
@@ -94,9 +128,9 @@ impl PasswordHasher {
         PasswordHasher {
             inner: Arc::new(Inner {
                 argon: Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
-                permits: Semaphore::new(permits),
-                in_flight: AtomicUsize::new(0),
-                max_in_flight: permits * (QUEUE_PER_PERMIT + 1),
+                verify_pool: Pool::new(permits),
+                hash_pool: Pool::new(permits / 2),
+                runs: AtomicU64::new(0),
                 dummy_phc: dummy_phc(),
             }),
         }
@@ -105,7 +139,7 @@ impl PasswordHasher {
     /// Hashes a new password into a PHC string (`$argon2id$v=19$m=19456,t=2,p=1$…`).
     /// The caller validates it first with [`validate_new_password`].
     pub async fn hash(&self, password: String) -> Result<String, PasswordError> {
-        self.run_blocking(move |inner| {
+        self.run_blocking(Which::Hash, move |inner| {
             let mut salt = [0u8; 16];
             rand::rngs::OsRng.fill_bytes(&mut salt);
             let salt =
@@ -127,7 +161,7 @@ impl PasswordHasher {
         password: String,
         phc: Option<String>,
     ) -> Result<bool, PasswordError> {
-        self.run_blocking(move |inner| {
+        self.run_blocking(Which::Verify, move |inner| {
             let known = phc.is_some();
             let phc = phc.as_deref().unwrap_or(&inner.dummy_phc);
             let parsed = PasswordHash::new(phc).map_err(|_| PasswordError::MalformedHash)?;
@@ -142,18 +176,27 @@ impl PasswordHasher {
         .await
     }
 
-    async fn run_blocking<T, F>(&self, work: F) -> Result<T, PasswordError>
+    /// How many argon2 runs (hashes and verifications) have started so far.
+    pub fn runs(&self) -> u64 {
+        self.inner.runs.load(Ordering::Relaxed)
+    }
+
+    async fn run_blocking<T, F>(&self, which: Which, work: F) -> Result<T, PasswordError>
     where
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, PasswordError> + Send + 'static,
     {
-        let _slot = InFlight::enter(&self.inner)?;
-        let _permit = self
-            .inner
+        let pool = match which {
+            Which::Verify => &self.inner.verify_pool,
+            Which::Hash => &self.inner.hash_pool,
+        };
+        let _slot = InFlight::enter(pool)?;
+        let _permit = pool
             .permits
             .acquire()
             .await
             .map_err(|_| PasswordError::TaskFailed)?;
+        self.inner.runs.fetch_add(1, Ordering::Relaxed);
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || work(&inner))
             .await
@@ -161,12 +204,18 @@ impl PasswordHasher {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Which {
+    Verify,
+    Hash,
+}
+
 /// Counts a request from before it waits for a permit until it is done (or its future is
 /// dropped), so the bound covers the queue as well as the running hashes.
-struct InFlight<'a>(&'a Inner);
+struct InFlight<'a>(&'a Pool);
 
 impl<'a> InFlight<'a> {
-    fn enter(inner: &'a Inner) -> Result<InFlight<'a>, PasswordError> {
+    fn enter(inner: &'a Pool) -> Result<InFlight<'a>, PasswordError> {
         let before = inner.in_flight.fetch_add(1, Ordering::AcqRel);
         let slot = InFlight(inner);
         if before >= inner.max_in_flight {
@@ -369,23 +418,47 @@ mod tests {
         for t in tasks {
             assert!(t.await.unwrap().is_ok());
         }
-        assert_eq!(h.inner.in_flight.load(Ordering::Acquire), 0);
+        assert_eq!(h.inner.hash_pool.in_flight.load(Ordering::Acquire), 0);
+        assert_eq!(h.runs(), 4);
     }
 
     #[test]
     fn in_flight_bound_refuses_beyond_the_queue() {
         let h = PasswordHasher::with_permits(1);
-        let max = h.inner.max_in_flight;
-        let slots: Vec<_> = (0..max)
-            .map(|_| InFlight::enter(&h.inner).unwrap())
-            .collect();
+        let pool = &h.inner.verify_pool;
+        let max = pool.max_in_flight;
+        let slots: Vec<_> = (0..max).map(|_| InFlight::enter(pool).unwrap()).collect();
         assert!(matches!(
-            InFlight::enter(&h.inner),
+            InFlight::enter(pool),
             Err(PasswordError::Overloaded)
         ));
         drop(slots);
-        assert_eq!(h.inner.in_flight.load(Ordering::Acquire), 0);
-        assert!(InFlight::enter(&h.inner).is_ok());
+        assert_eq!(pool.in_flight.load(Ordering::Acquire), 0);
+        assert!(InFlight::enter(pool).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_full_hash_queue_leaves_verification_open() {
+        let h = PasswordHasher::with_permits(2);
+        assert_eq!(h.inner.hash_pool.permits.available_permits(), 1);
+        let pool = &h.inner.hash_pool;
+        let slots: Vec<_> = (0..pool.max_in_flight)
+            .map(|_| InFlight::enter(pool).unwrap())
+            .collect();
+        // Every permit of the hash pool is held too.
+        let _held = pool.permits.acquire().await.unwrap();
+        assert!(matches!(
+            h.hash("some new password".into()).await,
+            Err(PasswordError::Overloaded)
+        ));
+        let verified = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            h.verify("a wrong password".into(), None),
+        )
+        .await
+        .expect("verification does not wait for the hash pool");
+        assert!(!verified.unwrap());
+        drop(slots);
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Attempt limiting for login, register and password reset, keyed by string
-//! (`ip:203.0.113.7`, `email:alice@example.com`).
+//! Attempt limiting for the unauthenticated auth routes, keyed by string
+//! (`ip:203.0.113.7`), and the failure backoff of sign-in, keyed by (email, client
+//! network).
 //!
 //! Owns: a sliding-window log per key in a bounded moka cache, and the retry-after it
-//! implies. Must not: hold a lock across an `.await` (it has no async API at all), grow
+//! implies ([`RateLimiter`]); a failure count per key with an exponentially growing delay
+//! ([`FailureBackoff`]); and the client network a key is built from ([`client_network`]). Must not: hold a lock across an `.await` (it has no async API at all), grow
 //! without bound, or decide what a key means — callers build keys and check several
 //! (per IP and per email) for one request.
 //!
@@ -119,9 +121,225 @@ impl RateLimiter {
     }
 }
 
+/// The network a client address belongs to for failure counting: the /24 of an IPv4
+/// address, the /64 of an IPv6 one (what one subscriber or one host usually has, so
+/// hopping addresses inside it does not reset the count). `None` (no peer address) is a
+/// network of its own.
+pub fn client_network(ip: Option<&str>) -> String {
+    use std::net::IpAddr;
+    let Some(ip) = ip.and_then(|s| s.parse::<IpAddr>().ok()) else {
+        return "unknown".into();
+    };
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
+}
+
+/// When failures start to cost delay, how it grows, and when it is forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackoffPolicy {
+    /// Failures that cost no delay; the next attempt after this many waits.
+    pub free_failures: u32,
+    /// The first delay; it doubles with each further failure.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    /// No attempt for the key before this instant.
+    blocked_until: Option<Instant>,
+}
+
+/// Failure counting with growing delays. Only failures count; a success resets the key.
+/// From the `free_failures`-th failure on, the n-th failure (n counted from there, from 0)
+/// refuses the key for `base_delay × 2^n`, at most `max_delay`.
+/// Refused attempts neither count nor extend the delay: the attacker's requests cannot
+/// push a delay further out than its own failures did.
+#[derive(Clone)]
+pub struct FailureBackoff {
+    policy: BackoffPolicy,
+    entries: Cache<String, Arc<Mutex<Failures>>>,
+}
+
+impl std::fmt::Debug for FailureBackoff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FailureBackoff")
+            .field("policy", &self.policy)
+            .field("keys", &self.entries.entry_count())
+            .finish()
+    }
+}
+
+impl FailureBackoff {
+    /// `capacity` bounds the keys tracked at once; a key untouched for twice the
+    /// longest delay (at least an hour) is forgotten. A zero `base_delay` disables it.
+    pub fn new(policy: BackoffPolicy, capacity: u64) -> FailureBackoff {
+        let forget = (policy.max_delay * 2).max(Duration::from_secs(3600));
+        FailureBackoff {
+            policy,
+            entries: Cache::builder()
+                .max_capacity(capacity)
+                .time_to_idle(forget)
+                .build(),
+        }
+    }
+
+    /// `Err(retry_after)` while the key is in a delay.
+    pub fn check(&self, key: &str) -> Result<(), Duration> {
+        self.check_at(key, Instant::now())
+    }
+
+    pub fn check_at(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        let Some(entry) = self.entries.get(key) else {
+            return Ok(());
+        };
+        let f = *entry.lock().unwrap_or_else(|p| p.into_inner());
+        match f.blocked_until {
+            Some(until) if until > now => Err(until
+                .saturating_duration_since(now)
+                .max(Duration::from_secs(1))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failure for `key`.
+    pub fn failure(&self, key: &str) {
+        self.failure_at(key, Instant::now());
+    }
+
+    pub fn failure_at(&self, key: &str, now: Instant) {
+        if self.policy.base_delay.is_zero() {
+            return;
+        }
+        let entry = self.entries.get_with_by_ref(key, || {
+            Arc::new(Mutex::new(Failures {
+                count: 0,
+                blocked_until: None,
+            }))
+        });
+        let mut f = entry.lock().unwrap_or_else(|p| p.into_inner());
+        f.count = f.count.saturating_add(1);
+        if f.count >= self.policy.free_failures.max(1) {
+            let beyond = f.count - self.policy.free_failures.max(1);
+            let factor = 1u32.checked_shl(beyond).unwrap_or(u32::MAX);
+            let delay = self
+                .policy
+                .base_delay
+                .checked_mul(factor)
+                .unwrap_or(self.policy.max_delay)
+                .min(self.policy.max_delay);
+            f.blocked_until = Some(now + delay);
+        }
+    }
+
+    /// Forgets the key: a successful sign-in.
+    pub fn reset(&self, key: &str) {
+        self.entries.invalidate(key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_networks() {
+        let cases = [
+            (Some("203.0.113.7"), "203.0.113.0/24"),
+            (Some("203.0.113.250"), "203.0.113.0/24"),
+            (Some("::ffff:198.51.100.9"), "198.51.100.0/24"),
+            (Some("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64"),
+            (Some("2001:db8::1"), "2001:db8:0:0::/64"),
+            (Some("garbage"), "unknown"),
+            (None, "unknown"),
+        ];
+        for (ip, want) in cases {
+            assert_eq!(client_network(ip), want, "{ip:?}");
+        }
+    }
+
+    fn backoff(free: u32) -> FailureBackoff {
+        FailureBackoff::new(
+            BackoffPolicy {
+                free_failures: free,
+                base_delay: Duration::from_secs(1),
+                max_delay: Duration::from_secs(60),
+            },
+            100,
+        )
+    }
+
+    #[test]
+    fn failures_beyond_the_free_ones_cost_a_doubling_delay_up_to_the_cap() {
+        let b = backoff(3);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for _ in 0..2 {
+            assert!(b.check_at("k", t0).is_ok());
+            b.failure_at("k", t0);
+        }
+        assert!(b.check_at("k", t0).is_ok(), "two failures cost nothing");
+        // (failure at second, delay that follows): the third failure starts the delays.
+        let steps = [
+            (0, 1),
+            (1, 2),
+            (3, 4),
+            (7, 8),
+            (15, 16),
+            (31, 32),
+            (63, 60),
+            (123, 60),
+        ];
+        for (t, delay) in steps {
+            assert!(b.check_at("k", at(t)).is_ok(), "open at {t}");
+            b.failure_at("k", at(t));
+            assert_eq!(
+                b.check_at("k", at(t)),
+                Err(Duration::from_secs(delay)),
+                "after failure at {t}"
+            );
+            assert!(b.check_at("k", at(t + delay)).is_ok());
+        }
+    }
+
+    #[test]
+    fn success_resets_and_keys_are_independent() {
+        let b = backoff(2);
+        let t0 = Instant::now();
+        b.failure_at("a", t0);
+        b.failure_at("a", t0);
+        assert!(b.check_at("a", t0).is_err());
+        assert!(b.check_at("b", t0).is_ok());
+        b.reset("a");
+        assert!(b.check_at("a", t0).is_ok());
+        b.failure_at("a", t0);
+        assert!(b.check_at("a", t0).is_ok(), "the count started over");
+    }
+
+    #[test]
+    fn a_zero_base_delay_disables_backoff() {
+        let b = FailureBackoff::new(
+            BackoffPolicy {
+                free_failures: 0,
+                base_delay: Duration::ZERO,
+                max_delay: Duration::from_secs(60),
+            },
+            10,
+        );
+        for _ in 0..50 {
+            b.failure("k");
+        }
+        assert!(b.check("k").is_ok());
+    }
 
     fn limiter(max: u32, window_secs: u64) -> RateLimiter {
         RateLimiter::new(RatePolicy::new(max, Duration::from_secs(window_secs)), 1000)

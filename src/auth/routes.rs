@@ -395,8 +395,9 @@ async fn reset(
 async fn verify_request(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
+    ClientInfo(client): ClientInfo,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    service::request_verification(&state, &p).await?;
+    service::request_verification(&state, &p, &client).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": true }))))
 }
 
@@ -411,8 +412,12 @@ struct TokenBody {
         (status = 400, description = "`invalid_grant` (used or expired token), malformed JSON"),
         (status = 415, description = "Not JSON"),
         (status = 422, description = "`invalid_input`")))]
-async fn verify(State(state): State<AppState>, Json(b): Json<TokenBody>) -> ApiResult<StatusCode> {
-    service::verify_email(&state, &b.token).await?;
+async fn verify(
+    State(state): State<AppState>,
+    ClientInfo(client): ClientInfo,
+    Json(b): Json<TokenBody>,
+) -> ApiResult<StatusCode> {
+    service::verify_email(&state, &client, &b.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

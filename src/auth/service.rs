@@ -90,20 +90,40 @@ fn drop_unverified_identities(
     Ok(true)
 }
 
-/// Applies the per-IP and per-email attempt limits.
-fn rate_limit(state: &AppState, client: &Client, email: Option<&str>) -> Result<(), AuthError> {
-    let limits = state.auth.limiters();
+/// The per-IP buckets: credential routes (register, login, password reset, password
+/// change) and token routes (refresh, OAuth exchange, email verification). Separate, so a
+/// guessing flood from an address does not also stop its signed-in users' refreshes.
+pub(super) const IP_CREDENTIALS: &str = "ip";
+pub(super) const IP_TOKENS: &str = "ip-token";
+
+/// At most `auth.rate_limit` requests per `auth.rate_window` per client IP and bucket.
+pub(super) fn limit_ip(state: &AppState, client: &Client, bucket: &str) -> Result<(), AuthError> {
     if let Some(ip) = &client.ip {
-        limits
-            .check(&format!("ip:{ip}"))
-            .map_err(AuthError::RateLimited)?;
-    }
-    if let Some(e) = email {
-        limits
-            .check(&format!("email:{e}"))
+        state
+            .auth
+            .limiters()
+            .check(&format!("{bucket}:{ip}"))
             .map_err(AuthError::RateLimited)?;
     }
     Ok(())
+}
+
+/// The key of sign-in failure counting: the account and the caller's network. Keyed by
+/// both, failures from elsewhere never delay the owner.
+fn lockout_key(email: &str, client: &Client) -> String {
+    format!(
+        "{email} {}",
+        super::ratelimit::client_network(client.ip.as_deref())
+    )
+}
+
+/// Refuses an attempt while its (email, network) is in a failure delay.
+fn check_lockout(state: &AppState, key: &str) -> Result<(), AuthError> {
+    state
+        .auth
+        .backoff()
+        .check(key)
+        .map_err(AuthError::RateLimited)
 }
 
 pub async fn register(
@@ -114,7 +134,7 @@ pub async fn register(
     name: Option<String>,
 ) -> Result<(TokenPair, UserRow), AuthError> {
     let email = normalize_email(email).map_err(AuthError::Invalid)?;
-    rate_limit(state, client, Some(&email))?;
+    limit_ip(state, client, IP_CREDENTIALS)?;
     validate_new_password(&password).map_err(AuthError::Invalid)?;
     if let Some(n) = &name
         && n.chars().count() > 200
@@ -191,8 +211,11 @@ pub async fn login(
 ) -> Result<(TokenPair, UserRow), AuthError> {
     // A malformed email is just a failed login: no hint about what is wrong.
     let email = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
-    rate_limit(state, client, Some(&email))?;
+    limit_ip(state, client, IP_CREDENTIALS)?;
+    let lockout = lockout_key(&email, client);
+    check_lockout(state, &lockout)?;
     if password.len() > super::password::MAX_PASSWORD_BYTES {
+        state.auth.backoff().failure(&lockout);
         return Err(AuthError::InvalidCredentials);
     }
     let lookup = email.clone();
@@ -210,6 +233,7 @@ pub async fn login(
     let user = match user {
         Some(u) if ok && !u.disabled => u,
         other => {
+            state.auth.backoff().failure(&lockout);
             let uid = other.map(|u| u.id);
             let client2 = client.clone();
             state
@@ -247,6 +271,7 @@ pub async fn login(
             Ok::<_, AuthError>(pair)
         })
         .await?;
+    state.auth.backoff().reset(&lockout);
     Ok((pair, user))
 }
 
@@ -268,6 +293,7 @@ pub async fn refresh(
     client: &Client,
     token: &str,
 ) -> Result<(TokenPair, UserRow), AuthError> {
+    limit_ip(state, client, IP_TOKENS)?;
     if token.is_empty() || token.len() > 256 {
         return Err(AuthError::InvalidGrant);
     }
@@ -412,13 +438,16 @@ pub async fn change_password(
             return Err(AuthError::StepUpRequired);
         }
     } else {
-        rate_limit(state, client, Some(&user.email))?;
+        limit_ip(state, client, IP_CREDENTIALS)?;
+        let lockout = lockout_key(&user.email, client);
+        check_lockout(state, &lockout)?;
         if !state
             .auth
             .hasher()
             .verify(current, user.password_hash.clone())
             .await?
         {
+            state.auth.backoff().failure(&lockout);
             return Err(AuthError::InvalidCredentials);
         }
     }
@@ -433,6 +462,8 @@ pub async fn change_password(
         .storage
         .write(move |c| {
             sa::set_password(c, &uid, &phc, now)?;
+            // A reset link mailed before the change must not undo it.
+            sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
             let version = users::bump_token_version(c, &uid, now)?;
             let revoked =
                 users::revoke_user_sessions(c, &uid, Some(&sid), "password_changed", now)?;
@@ -462,6 +493,13 @@ pub async fn change_password(
 }
 
 /// Always succeeds (no account enumeration); mails a one-time link if the account exists.
+///
+/// The answer depends on nothing that differs between known and unknown addresses: after
+/// the in-memory limits it returns, and the lookup, token and mail are written in the
+/// background (bounded, see [`super::Auth::try_background`]). At most one mail per
+/// address per `auth.mail_interval`; later requests in it are answered the same and send
+/// nothing. Its own buckets (per IP, per address) are not the sign-in ones, so a throttled
+/// sign-in never closes recovery.
 pub async fn request_password_reset(
     state: &AppState,
     client: &Client,
@@ -470,67 +508,90 @@ pub async fn request_password_reset(
     let Ok(email) = normalize_email(email) else {
         return Ok(());
     };
-    rate_limit(state, client, Some(&email))?;
+    limit_ip(state, client, IP_CREDENTIALS)?;
+    if state
+        .auth
+        .mail_limiter()
+        .check(&format!("reset:{email}"))
+        .is_err()
+    {
+        return Ok(());
+    }
+    let Some(permit) = state.auth.try_background() else {
+        tracing::warn!("too many password reset requests in flight; dropping one");
+        return Ok(());
+    };
     let token = random_token();
     let hash = hash_token(&token);
     let link = format!("{}/#/reset?token={token}", state.config.public_base());
     let now = state.now_millis();
     let from = state.config.mail.from.clone();
     let client2 = client.clone();
-    let sent = state
-        .storage
-        .write(move |c| {
-            let Some(user) = users::get_user_by_email(c, &email)? else {
-                return Ok::<_, AuthError>(false);
-            };
-            sa::insert_one_time_token(c, &hash, "password_reset", &user.id, now + RESET_TTL.as_millis() as i64, now)?;
-            audit(c, Some(&user.id), "password_reset_requested", &client2, None, now)?;
-            super::mail::enqueue_in(
-                c,
-                &super::mail::Mail {
-                    to: user.email,
-                    from,
-                    subject: "Reset your password".into(),
-                    body: format!("Someone asked to reset the password of this account.\n\nTo choose a new password, open:\n{link}\n\nThe link is valid for one hour. If it was not you, ignore this mail."),
-                },
-                now,
-            )?;
-            Ok(true)
-        })
-        .await?;
-    if sent {
-        state.jobs.notify(super::mail::QUEUE);
-    }
+    let st = state.clone();
+    state.tasks.spawn(async move {
+        let _permit = permit;
+        let sent = st
+            .storage
+            .write(move |c| {
+                let Some(user) = users::get_user_by_email(c, &email)? else {
+                    return Ok::<_, AuthError>(false);
+                };
+                sa::insert_one_time_token(c, &hash, RESET_PURPOSE, &user.id, now + RESET_TTL.as_millis() as i64, now)?;
+                audit(c, Some(&user.id), "password_reset_requested", &client2, None, now)?;
+                super::mail::enqueue_in(
+                    c,
+                    &super::mail::Mail {
+                        to: user.email,
+                        from,
+                        subject: "Reset your password".into(),
+                        body: format!("Someone asked to reset the password of this account.\n\nTo choose a new password, open:\n{link}\n\nThe link is valid for one hour. If it was not you, ignore this mail."),
+                    },
+                    now,
+                )?;
+                Ok(true)
+            })
+            .await;
+        match sent {
+            Ok(true) => st.jobs.notify(super::mail::QUEUE),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "a password reset request was not recorded"),
+        }
+    });
     Ok(())
 }
 
+const RESET_PURPOSE: &str = "password_reset";
+
 /// Sets a new password from a reset token; every session of the user is revoked.
+///
+/// The token is checked (a read) before the new password is hashed, so a made-up token
+/// costs no argon2; the write then consumes it for real (single use holds even if two
+/// requests raced past the check).
 pub async fn reset_password(
     state: &AppState,
     client: &Client,
     token: &str,
     new: String,
 ) -> Result<(), AuthError> {
+    limit_ip(state, client, IP_CREDENTIALS)?;
+    if token.is_empty() || token.len() > 256 {
+        return Err(AuthError::InvalidGrant);
+    }
     validate_new_password(&new).map_err(AuthError::Invalid)?;
-    let phc = state.auth.hasher().hash(new).await?;
     let hash = hash_token(token);
     let now = state.now_millis();
+    let probe = hash.clone();
+    state
+        .storage
+        .read(move |c| sa::peek_one_time_token(c, &probe, RESET_PURPOSE, now))
+        .await?
+        .ok_or(AuthError::InvalidGrant)?;
+    let phc = state.auth.hasher().hash(new).await?;
     let client2 = client.clone();
     let from = state.config.mail.from.clone();
     let (uid, revoked, mailed) = state
         .storage
-        .write(move |c| {
-            let uid = sa::consume_one_time_token(c, &hash, "password_reset", now)?
-                .ok_or(AuthError::InvalidGrant)?;
-            sa::set_password(c, &uid, &phc, now)?;
-            // Receiving the mail proves the address.
-            sa::set_email_verified(c, &uid, now)?;
-            let mailed = drop_unverified_identities(c, &uid, &from, &client2, now)?;
-            users::bump_token_version(c, &uid, now)?;
-            let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
-            audit(c, Some(&uid), "password_reset", &client2, None, now)?;
-            Ok::<_, AuthError>((uid, revoked, mailed))
-        })
+        .write(move |c| apply_password_reset(c, &hash, &phc, &from, &client2, now))
         .await?;
     if mailed {
         state.jobs.notify(super::mail::QUEUE);
@@ -540,7 +601,47 @@ pub async fn reset_password(
     Ok(())
 }
 
-pub async fn request_verification(state: &AppState, who: &Principal) -> Result<(), AuthError> {
+/// The write of a password reset: consumes the token, sets the password, uses up every
+/// other pending reset link of the user, drops identities linked while the address was
+/// unverified, revokes every session. Returns the user, the revoked sessions and whether
+/// a mail was queued.
+fn apply_password_reset(
+    c: &Conn,
+    token_hash: &[u8],
+    phc: &str,
+    from: &str,
+    client: &Client,
+    now: i64,
+) -> Result<(String, Vec<String>, bool), AuthError> {
+    let uid = sa::consume_one_time_token(c, token_hash, RESET_PURPOSE, now)?
+        .ok_or(AuthError::InvalidGrant)?;
+    sa::set_password(c, &uid, phc, now)?;
+    sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
+    // Receiving the mail proves the address, which drops identities linked before it.
+    sa::set_email_verified(c, &uid, now)?;
+    let mailed = drop_unverified_identities(c, &uid, from, client, now)?;
+    users::bump_token_version(c, &uid, now)?;
+    let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
+    audit(c, Some(&uid), "password_reset", client, None, now)?;
+    Ok((uid, revoked, mailed))
+}
+
+/// Mails a verification link, at most once per `auth.mail_interval` (later requests in
+/// the interval succeed and send nothing).
+pub async fn request_verification(
+    state: &AppState,
+    who: &Principal,
+    client: &Client,
+) -> Result<(), AuthError> {
+    limit_ip(state, client, IP_TOKENS)?;
+    if state
+        .auth
+        .mail_limiter()
+        .check(&format!("verify:{}", who.user_id))
+        .is_err()
+    {
+        return Ok(());
+    }
     let token = random_token();
     let hash = hash_token(&token);
     let link = format!("{}/#/verify?token={token}", state.config.public_base());
@@ -574,25 +675,26 @@ pub async fn request_verification(state: &AppState, who: &Principal) -> Result<(
     Ok(())
 }
 
-pub async fn verify_email(state: &AppState, token: &str) -> Result<(), AuthError> {
+pub async fn verify_email(state: &AppState, client: &Client, token: &str) -> Result<(), AuthError> {
+    limit_ip(state, client, IP_TOKENS)?;
     let hash = hash_token(token);
     let now = state.now_millis();
     let from = state.config.mail.from.clone();
+    let client2 = client.clone();
     let (uid, revoked) = state
         .storage
         .write(move |c| {
             let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
                 .ok_or(AuthError::InvalidGrant)?;
             sa::set_email_verified(c, &uid, now)?;
-            let client = Client::default();
             // A session may have come from a removed identity: all of them end.
-            let revoked = if drop_unverified_identities(c, &uid, &from, &client, now)? {
+            let revoked = if drop_unverified_identities(c, &uid, &from, &client2, now)? {
                 users::bump_token_version(c, &uid, now)?;
                 users::revoke_user_sessions(c, &uid, None, "identity_removed", now)?
             } else {
                 Vec::new()
             };
-            audit(c, Some(&uid), "email_verified", &client, None, now)?;
+            audit(c, Some(&uid), "email_verified", &client2, None, now)?;
             Ok::<_, AuthError>((uid, revoked))
         })
         .await?;

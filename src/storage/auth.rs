@@ -246,6 +246,39 @@ pub fn consume_bound_token(
     })
 }
 
+/// The user of a one-time token that [`consume_one_time_token`] would accept now, without
+/// using it up (a read: checks a token before paying for work that needs it).
+pub fn peek_one_time_token(
+    conn: &Connection,
+    hash: &[u8],
+    purpose: &str,
+    now: Millis,
+) -> Result<Option<String>, StorageError> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT user_id FROM one_time_tokens
+             WHERE hash = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3",
+        )?
+        .query_row(params![hash, purpose, now], |r| r.get(0))
+        .optional()?)
+}
+
+/// Marks every unused token of `purpose` of the user as used (e.g. all pending reset
+/// links once the password changed). Returns how many.
+pub fn use_up_one_time_tokens(
+    conn: &Connection,
+    user_id: &str,
+    purpose: &str,
+    now: Millis,
+) -> Result<usize, StorageError> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE one_time_tokens SET used_at = ?3
+             WHERE user_id = ?1 AND purpose = ?2 AND used_at IS NULL",
+        )?
+        .execute(params![user_id, purpose, now])?)
+}
+
 /// Deletes expired one-time tokens and OAuth states.
 pub fn purge_expired(conn: &Connection, now: Millis) -> Result<usize, StorageError> {
     let a = conn.execute("DELETE FROM one_time_tokens WHERE expires_at < ?1", [now])?;

@@ -40,6 +40,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_oauth_security",
         include_str!("../../migrations/0007_oauth_security.sql"),
     ),
+    (
+        "0008_auth_limits",
+        include_str!("../../migrations/0008_auth_limits.sql"),
+    ),
 ];
 
 /// The first line of a migration that must run with foreign keys off.

@@ -17,6 +17,7 @@ mod oauth;
 mod openapi;
 mod ops;
 mod sec_a;
+mod sec_b;
 mod sec_d;
 mod sec_e;
 mod stripe_real;
