@@ -141,6 +141,8 @@ pub struct Jobs {
 
 struct Inner {
     wake: HashMap<String, Arc<Notify>>,
+    /// Each queue's round-robin position over job owners, kept between claims.
+    turns: HashMap<String, Arc<Mutex<crate::storage::jobs::Turn>>>,
     hub: Hub,
     kinds: HashMap<String, KindSpec>,
     running: Mutex<HashMap<String, Running>>,
@@ -161,6 +163,12 @@ impl Jobs {
             .keys()
             .map(|q| (q.clone(), Arc::new(Notify::new())))
             .collect();
+        let turns = config
+            .jobs
+            .queues
+            .keys()
+            .map(|q| (q.clone(), Arc::default()))
+            .collect();
         let mut kinds = HashMap::new();
         for spec in kinds::builtin(config).into_iter().chain(extra) {
             kinds.insert(spec.name.clone(), spec);
@@ -178,6 +186,7 @@ impl Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 wake,
+                turns,
                 hub: Hub::default(),
                 kinds,
                 running: Mutex::new(HashMap::new()),
@@ -213,6 +222,11 @@ impl Jobs {
 
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
+    }
+
+    /// The round-robin position of `queue`'s claims (a fresh one for an unknown queue).
+    fn turn_handle(&self, queue: &str) -> Arc<Mutex<crate::storage::jobs::Turn>> {
+        self.inner.turns.get(queue).cloned().unwrap_or_default()
     }
 
     fn wake_handle(&self, queue: &str) -> Option<Arc<Notify>> {

@@ -36,6 +36,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_jobs_hot_path",
         include_str!("../../migrations/0006_jobs_hot_path.sql"),
     ),
+    (
+        "0009_jobs_fairness_uploads",
+        include_str!("../../migrations/0009_jobs_fairness_uploads.sql"),
+    ),
 ];
 
 /// The first line of a migration that must run with foreign keys off.
