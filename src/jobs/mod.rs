@@ -18,6 +18,7 @@ pub mod kinds;
 pub mod queue;
 pub mod routes;
 pub mod sse;
+pub mod uploads;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -150,6 +151,8 @@ struct Inner {
     /// user id → (period start, jobs created since): `/me`'s usage line without a
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
+    /// Uploads per user (`uploads.rate_limit` per `uploads.rate_window`).
+    upload_rate: crate::auth::ratelimit::RateLimiter,
     worker_id: String,
 }
 
@@ -195,6 +198,13 @@ impl Jobs {
                     .time_to_live(Duration::from_secs(60))
                     .build(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
+                upload_rate: crate::auth::ratelimit::RateLimiter::new(
+                    crate::auth::ratelimit::RatePolicy::new(
+                        config.uploads.rate_limit,
+                        config.uploads.rate_window,
+                    ),
+                    100_000,
+                ),
                 worker_id: crate::ids::new_id(),
             }),
         }
@@ -287,6 +297,11 @@ impl Jobs {
     /// After a commit that created a job of `user_id`.
     pub fn invalidate_usage(&self, user_id: &str) {
         self.inner.usage.invalidate(user_id);
+    }
+
+    /// Counts an upload of `user_id` against the upload rate; Err: retry after this long.
+    pub fn check_upload_rate(&self, user_id: &str) -> Result<(), Duration> {
+        self.inner.upload_rate.check(user_id)
     }
 
     /// A single-use, 60-second ticket that authenticates one `EventSource` connection.

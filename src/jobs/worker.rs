@@ -871,6 +871,9 @@ async fn run_periodic(state: &AppState) {
     if due(state, "jobs.purge", HOUR).await {
         purge(state).await;
     }
+    if due(state, "uploads.purge", HOUR).await {
+        super::uploads::purge(state).await;
+    }
     if due(state, "auth.purge_expired", HOUR).await {
         let now = state.now_millis();
         if let Err(e) = state
