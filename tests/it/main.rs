@@ -16,4 +16,5 @@ mod jobs;
 mod oauth;
 mod openapi;
 mod ops;
+mod sec_c;
 mod stripe_real;
