@@ -353,8 +353,8 @@ const TAKE: &str = "UPDATE jobs SET status = 'running', attempt = attempt + 1, l
      WHERE id IN (SELECT value FROM json_each(?1))
        AND (status = 'queued' OR status = 'retrying')";
 
-/// Claims up to `limit` runnable jobs of `queue` for this worker, setting running + lease
-/// + attempt; returned in claim order. Fair across owners: every owner with runnable jobs
+/// Claims up to `limit` runnable jobs of `queue` for this worker, setting running, lease
+/// and attempt; returned in claim order. Fair across owners: every owner with runnable jobs
 /// gets one before any gets a second (round-robin from `turn`, which the caller keeps per
 /// queue), and the slots left are shared out evenly. Priority orders jobs only within
 /// their owner's own jobs, so no user's backlog or priority starves another user.

@@ -212,7 +212,10 @@ async fn users_cannot_submit_to_the_system_queue() {
         .await;
     expect_problem(r, 422, "reserved_queue").await;
     let n = app
-        .db_i64("SELECT COUNT(*) FROM jobs WHERE user_id = ?1", vec![u.id.clone()])
+        .db_i64(
+            "SELECT COUNT(*) FROM jobs WHERE user_id = ?1",
+            vec![u.id.clone()],
+        )
         .await
         .expect("count");
     assert_eq!(n, 0);
@@ -353,12 +356,19 @@ async fn the_storage_quota_refuses_uploads_and_leaves_no_file() {
     let r = upload(&app, &u, vec![3u8; 1 << 20]).await;
     let p = expect_problem(r, 402, "storage_quota_exceeded").await;
     assert_eq!(p["used"], 2 << 20);
-    assert_eq!(files(&uploads_dir(&app)).len(), 2, "no file of the refused upload");
+    assert_eq!(
+        files(&uploads_dir(&app)).len(),
+        2,
+        "no file of the refused upload"
+    );
     // Another user's quota is their own.
     let other = app.create_user("other@example.com").await;
     upload_ok(&app, &other, vec![4u8; 1 << 20]).await;
     // Deleting frees the space.
-    assert_eq!(delete_upload(&app, &u.access_token, &first).await.status(), 204);
+    assert_eq!(
+        delete_upload(&app, &u.access_token, &first).await.status(),
+        204
+    );
     upload_ok(&app, &u, vec![5u8; 1 << 20]).await;
     assert_eq!(files(&uploads_dir(&app)).len(), 3);
     app.shutdown().await;
@@ -382,7 +392,10 @@ async fn an_upload_is_deleted_only_by_its_owner_and_not_under_an_active_job() {
     let r = delete_upload(&app, &u.access_token, &id).await;
     expect_problem(r, 409, "upload_in_use").await;
     cancel(&app, &u, j["id"].as_str().expect("id")).await;
-    assert_eq!(delete_upload(&app, &u.access_token, &id).await.status(), 204);
+    assert_eq!(
+        delete_upload(&app, &u.access_token, &id).await.status(),
+        204
+    );
     assert!(files(&uploads_dir(&app)).is_empty());
     let rows = app
         .db_i64("SELECT COUNT(*) FROM uploads", vec![])
@@ -425,7 +438,10 @@ async fn uploads_past_their_retention_are_purged_unless_a_job_uses_them() {
     let fresh = upload_ok(&app, &u, b"fresh".to_vec()).await;
     eventually(T, "the old upload purged", || async {
         let n = app
-            .db_i64("SELECT COUNT(*) FROM uploads WHERE id = ?1", vec![old.clone()])
+            .db_i64(
+                "SELECT COUNT(*) FROM uploads WHERE id = ?1",
+                vec![old.clone()],
+            )
             .await
             .expect("count");
         (n == 0 && !uploads_dir(&app).join(&old).exists()).then_some(())
@@ -560,7 +576,11 @@ async fn an_upload_that_fills_the_disk_answers_503_and_leaves_no_file() {
         .await
         .expect("count");
     assert_eq!(rows, ok);
-    assert_eq!(files(&uploads_dir(&app)).len() as i64, ok, "no partial file left");
+    assert_eq!(
+        files(&uploads_dir(&app)).len() as i64,
+        ok,
+        "no partial file left"
+    );
     // Space freed: a small upload fits again.
     upload_ok(&app, &u, vec![1u8; 1000]).await;
     app.shutdown().await;
