@@ -60,6 +60,7 @@ pub struct Config {
     pub stripe: StripeConfig,
     pub billing: BillingConfig,
     pub jobs: JobsConfig,
+    pub uploads: UploadsConfig,
     pub backup: BackupConfig,
     pub retention: RetentionConfig,
 }
@@ -87,6 +88,7 @@ impl Default for Config {
             stripe: StripeConfig::default(),
             billing: BillingConfig::default(),
             jobs: JobsConfig::default(),
+            uploads: UploadsConfig::default(),
             backup: BackupConfig::default(),
             retention: RetentionConfig::default(),
         }
@@ -293,6 +295,7 @@ impl Default for BillingConfig {
                     jobs_per_period: 1000,
                     concurrent_jobs: 4,
                     max_upload_bytes: 50 * 1024 * 1024,
+                    max_storage_bytes: 5 * 1024 * 1024 * 1024,
                 },
             }],
         }
@@ -325,11 +328,41 @@ fn default_interval() -> String {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RawPlanLimits")]
 pub struct PlanLimits {
     pub jobs_per_period: u64,
     pub concurrent_jobs: u32,
     pub max_upload_bytes: u64,
+    /// All of a user's stored uploads together; without the key in a plan,
+    /// [`STORAGE_PER_UPLOAD`] times `max_upload_bytes`.
+    pub max_storage_bytes: u64,
+}
+
+/// A plan's storage quota when its config names none, in largest uploads.
+pub const STORAGE_PER_UPLOAD: u64 = 10;
+
+/// [`PlanLimits`] as written in the config, where `max_storage_bytes` may be left out
+/// (configs written before it existed).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlanLimits {
+    jobs_per_period: u64,
+    concurrent_jobs: u32,
+    max_upload_bytes: u64,
+    max_storage_bytes: Option<u64>,
+}
+
+impl From<RawPlanLimits> for PlanLimits {
+    fn from(r: RawPlanLimits) -> PlanLimits {
+        PlanLimits {
+            jobs_per_period: r.jobs_per_period,
+            concurrent_jobs: r.concurrent_jobs,
+            max_upload_bytes: r.max_upload_bytes,
+            max_storage_bytes: r
+                .max_storage_bytes
+                .unwrap_or(r.max_upload_bytes.saturating_mul(STORAGE_PER_UPLOAD)),
+        }
+    }
 }
 
 impl PlanLimits {
@@ -338,6 +371,7 @@ impl PlanLimits {
         jobs_per_period: 100,
         concurrent_jobs: 2,
         max_upload_bytes: 5 * 1024 * 1024,
+        max_storage_bytes: 50 * 1024 * 1024,
     };
 }
 
@@ -376,6 +410,7 @@ impl Default for JobsConfig {
                 timeout: Duration::from_secs(600),
             },
         );
+        queues.insert(SYSTEM_QUEUE.to_string(), QueueConfig::SYSTEM);
         JobsConfig {
             backoff_base: Duration::from_secs(1),
             backoff_cap: Duration::from_secs(600),
@@ -388,12 +423,63 @@ impl Default for JobsConfig {
     }
 }
 
+/// The queue of internal kinds (mail, usage reports). Users cannot submit to it, so no
+/// user backlog delays them; it always exists (with [`QueueConfig::SYSTEM`] unless the
+/// config defines it).
+pub const SYSTEM_QUEUE: &str = "system";
+
+impl JobsConfig {
+    /// Adds the [`SYSTEM_QUEUE`] if the config's `[jobs.queues]` left it out (defining
+    /// any queue replaces the default list).
+    pub fn ensure_system_queue(&mut self) {
+        self.queues
+            .entry(SYSTEM_QUEUE.to_string())
+            .or_insert(QueueConfig::SYSTEM);
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub concurrency: u32,
     #[serde(with = "duration")]
     pub timeout: Duration,
+}
+
+impl QueueConfig {
+    /// The default [`SYSTEM_QUEUE`].
+    pub const SYSTEM: QueueConfig = QueueConfig {
+        concurrency: 2,
+        timeout: Duration::from_secs(60),
+    };
+}
+
+/// Uploads for the `analyze` kind (`data_dir/uploads`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadsConfig {
+    /// An upload is deleted this long after it was stored, once no active job uses it.
+    /// 0 keeps uploads until their owner deletes them.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// Uploads each user may store per `rate_window`.
+    pub rate_limit: u32,
+    #[serde(with = "duration")]
+    pub rate_window: Duration,
+    /// Below this much free space on the uploads' filesystem, uploads are refused with
+    /// 503 (the database needs room too).
+    pub min_free_bytes: u64,
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        UploadsConfig {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            rate_limit: 30,
+            rate_window: Duration::from_secs(3600),
+            min_free_bytes: 512 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -689,9 +775,10 @@ impl Config {
         }
         fig = fig.merge(Serialized::defaults(dict));
         fig = fig.merge(Serialized::defaults(overrides));
-        let config: Config = fig
+        let mut config: Config = fig
             .extract()
             .map_err(|e| ConfigError::Invalid(describe_figment_error(e)))?;
+        config.jobs.ensure_system_queue();
         config.validate()?;
         Ok(config)
     }

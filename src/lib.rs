@@ -67,7 +67,9 @@ impl App {
 
     /// Creates the data dir, loads or generates secrets, opens the database (applying
     /// migrations) and binds the listener(s).
-    pub async fn build_with(config: Config, opts: AppOptions) -> anyhow::Result<App> {
+    pub async fn build_with(mut config: Config, opts: AppOptions) -> anyhow::Result<App> {
+        // Also for configs built in code, which did not pass through `Config::load`.
+        config.jobs.ensure_system_queue();
         let data_dir = config.data_dir.clone();
         secrets::create_private_dir(&data_dir)
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;

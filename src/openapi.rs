@@ -78,6 +78,7 @@ pub fn api_doc() -> Document {
         crate::jobs::routes::user_events,
         crate::jobs::routes::ticket,
         crate::jobs::routes::upload,
+        crate::jobs::routes::delete_upload,
         crate::jobs::routes::dead_letters,
         crate::jobs::routes::discard,
     ),

@@ -16,7 +16,8 @@ use crate::storage::jobs::{NewJob, insert_job};
 use crate::storage::{Conn, StorageError};
 
 pub const KIND: &str = "mail";
-pub const QUEUE: &str = "fast";
+/// The reserved system queue: user backlogs never delay mail.
+pub const QUEUE: &str = crate::config::SYSTEM_QUEUE;
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -711,6 +711,7 @@ mod tests {
                 jobs_per_period: 10_000,
                 concurrent_jobs: 8,
                 max_upload_bytes: 1 << 20,
+                max_storage_bytes: 10 << 20,
             },
             metered: true,
             usage,

@@ -48,7 +48,7 @@ pub fn enqueue_in(
             id: &id,
             user_id: None,
             kind: KIND,
-            queue: "fast",
+            queue: crate::config::SYSTEM_QUEUE,
             priority: 5,
             payload: &payload,
             max_attempts: 10,
@@ -63,7 +63,7 @@ pub fn enqueue_in(
 pub fn kind_spec() -> KindSpec {
     KindSpec {
         name: KIND.into(),
-        queue: "fast".into(),
+        queue: crate::config::SYSTEM_QUEUE.into(),
         handler: Arc::new(Report),
         public: false,
         billable: false,

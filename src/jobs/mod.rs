@@ -19,6 +19,7 @@ pub mod kinds;
 pub mod queue;
 pub mod routes;
 pub mod sse;
+pub mod uploads;
 pub mod worker;
 
 use std::collections::HashMap;
@@ -142,6 +143,8 @@ pub struct Jobs {
 
 struct Inner {
     wake: HashMap<String, Arc<Notify>>,
+    /// Each queue's round-robin position over job owners, kept between claims.
+    turns: HashMap<String, Arc<Mutex<crate::storage::jobs::Turn>>>,
     hub: Hub,
     kinds: HashMap<String, KindSpec>,
     running: Mutex<HashMap<String, Running>>,
@@ -152,6 +155,8 @@ struct Inner {
     /// user id → (period start, jobs created since): `/me`'s usage line without a
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
+    /// Uploads per user (`uploads.rate_limit` per `uploads.rate_window`).
+    upload_rate: crate::auth::ratelimit::RateLimiter,
     worker_id: String,
 }
 
@@ -164,6 +169,12 @@ impl Jobs {
             .queues
             .keys()
             .map(|q| (q.clone(), Arc::new(Notify::new())))
+            .collect();
+        let turns = config
+            .jobs
+            .queues
+            .keys()
+            .map(|q| (q.clone(), Arc::default()))
             .collect();
         let mut kinds = HashMap::new();
         for spec in kinds::builtin(config).into_iter().chain(extra) {
@@ -182,6 +193,7 @@ impl Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 wake,
+                turns,
                 hub: Hub::default(),
                 kinds,
                 running: Mutex::new(HashMap::new()),
@@ -191,6 +203,13 @@ impl Jobs {
                     .build(),
                 streams: guard::StreamGuards::default(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
+                upload_rate: crate::auth::ratelimit::RateLimiter::new(
+                    crate::auth::ratelimit::RatePolicy::new(
+                        config.uploads.rate_limit,
+                        config.uploads.rate_window,
+                    ),
+                    100_000,
+                ),
                 worker_id: crate::ids::new_id(),
             }),
         }
@@ -218,6 +237,11 @@ impl Jobs {
 
     pub fn worker_id(&self) -> &str {
         &self.inner.worker_id
+    }
+
+    /// The round-robin position of `queue`'s claims (a fresh one for an unknown queue).
+    fn turn_handle(&self, queue: &str) -> Arc<Mutex<crate::storage::jobs::Turn>> {
+        self.inner.turns.get(queue).cloned().unwrap_or_default()
     }
 
     fn wake_handle(&self, queue: &str) -> Option<Arc<Notify>> {
@@ -278,6 +302,11 @@ impl Jobs {
     /// After a commit that created a job of `user_id`.
     pub fn invalidate_usage(&self, user_id: &str) {
         self.inner.usage.invalidate(user_id);
+    }
+
+    /// Counts an upload of `user_id` against the upload rate; Err: retry after this long.
+    pub fn check_upload_rate(&self, user_id: &str) -> Result<(), Duration> {
+        self.inner.upload_rate.check(user_id)
     }
 
     /// A single-use, 60-second ticket that authenticates one `EventSource` connection.

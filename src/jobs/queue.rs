@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::worker::publish_outcome;
 use crate::auth::Principal;
+use crate::config::SYSTEM_QUEUE;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::StorageError;
@@ -22,6 +23,8 @@ pub enum JobError {
     IdempotencyConflict,
     #[error("{0}")]
     Conflict(String),
+    #[error("the queue {0:?} is reserved for internal jobs")]
+    ReservedQueue(String),
     #[error("plan limit reached: {what} ({used} of {limit})")]
     PlanLimit {
         what: &'static str,
@@ -40,6 +43,9 @@ impl From<JobError> for ApiError {
             JobError::NotFound => ApiError::not_found("no such job"),
             JobError::IdempotencyConflict => ApiError::conflict("conflict", e.to_string()),
             JobError::Conflict(m) => ApiError::conflict("conflict", m),
+            JobError::ReservedQueue(_) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "reserved_queue", e.to_string())
+            }
             JobError::PlanLimit { what, limit, used } => ApiError::new(
                 S::PAYMENT_REQUIRED,
                 "plan_limit",
@@ -100,6 +106,11 @@ pub async fn submit(
         Some(q) => return Err(JobError::Invalid(format!("unknown queue {q:?}"))),
         None => spec.queue.clone(),
     };
+    // Mail and usage reports run there with their own slots; a user backlog must not
+    // delay them (also when the config routes a public kind there by mistake).
+    if queue == SYSTEM_QUEUE {
+        return Err(JobError::ReservedQueue(queue));
+    }
     let priority = req.priority.unwrap_or(0);
     if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
         return Err(JobError::Invalid(format!(
@@ -157,26 +168,7 @@ pub async fn submit(
                     Err(JobError::IdempotencyConflict)
                 };
             }
-            // Read inside the writer, so concurrent submissions cannot overshoot.
-            let used = q::period_usage(c, &user_id, entitlement.period_start)?;
-            if billable {
-                let limits = entitlement.limits;
-                let active = q::count_active(c, &user_id)?;
-                if active >= u64::from(limits.concurrent_jobs) {
-                    return Err(JobError::PlanLimit {
-                        what: "concurrent jobs",
-                        limit: u64::from(limits.concurrent_jobs),
-                        used: active,
-                    });
-                }
-                if used >= limits.jobs_per_period {
-                    return Err(JobError::PlanLimit {
-                        what: "jobs this period",
-                        limit: limits.jobs_per_period,
-                        used,
-                    });
-                }
-            }
+            let used = check_plan(c, &user_id, &entitlement, billable)?;
             q::insert_job(
                 c,
                 &NewJob {
@@ -228,6 +220,38 @@ pub async fn submit(
     Ok(outcome)
 }
 
+/// The plan checks of a submission (and of a retry, which queues a job again), read
+/// inside the writer so concurrent requests cannot overshoot: the user's active jobs
+/// against `concurrent_jobs` and, for billable kinds, the jobs this period against
+/// `jobs_per_period`. Returns the jobs of this period so far; the caller records one more.
+fn check_plan(
+    c: &rusqlite::Connection,
+    user_id: &str,
+    entitlement: &crate::billing::Entitlement,
+    billable: bool,
+) -> Result<u64, JobError> {
+    let used = q::period_usage(c, user_id, entitlement.period_start)?;
+    if billable {
+        let limits = entitlement.limits;
+        let active = q::count_active(c, user_id)?;
+        if active >= u64::from(limits.concurrent_jobs) {
+            return Err(JobError::PlanLimit {
+                what: "concurrent jobs",
+                limit: u64::from(limits.concurrent_jobs),
+                used: active,
+            });
+        }
+        if used >= limits.jobs_per_period {
+            return Err(JobError::PlanLimit {
+                what: "jobs this period",
+                limit: limits.jobs_per_period,
+                used,
+            });
+        }
+    }
+    Ok(used)
+}
+
 /// A job the caller may see: their own, or any for an admin.
 pub async fn get_visible(state: &AppState, who: &Principal, id: &str) -> Result<JobRow, JobError> {
     let id = id.to_string();
@@ -276,13 +300,38 @@ pub async fn cancel(state: &AppState, who: &Principal, id: &str) -> Result<JobRo
     }
 }
 
+/// Queues a dead or canceled job again. For a user's job this is a submission as far as
+/// the plan goes: the owner's limits are checked in the same write and the retry counts
+/// toward `jobs_per_period`, so retries cannot run more jobs than submits could.
 pub async fn retry(state: &AppState, who: &Principal, id: &str) -> Result<JobRow, JobError> {
     let row = get_visible(state, who, id).await?;
     let now = state.now_millis();
     let jid = row.id.clone();
+    let billable = state.jobs.kind(&row.kind).is_some_and(|k| k.billable);
+    let owner = match &row.user_id {
+        Some(u) => Some((u.clone(), state.billing.entitlement(u).await)),
+        None => None,
+    };
+    let status = row.status.clone();
     let updated = state
         .storage
-        .write(move |c| q::retry(c, &jid, now))
+        .write(move |c| {
+            if status != "dead" && status != "canceled" {
+                // Checked again by the UPDATE; this only keeps the answer a 409, not a 402.
+                return Ok(None);
+            }
+            let used = match &owner {
+                Some((user_id, ent)) => Some(check_plan(c, user_id, ent, billable)?),
+                None => None,
+            };
+            let Some(updated) = q::retry(c, &jid, now)? else {
+                return Ok(None);
+            };
+            if let (Some((user_id, ent)), Some(used)) = (&owner, used) {
+                q::set_period_usage(c, user_id, ent.period_start, used + 1)?;
+            }
+            Ok::<_, JobError>(Some(updated))
+        })
         .await?
         .ok_or_else(|| {
             JobError::Conflict(format!(
@@ -290,6 +339,9 @@ pub async fn retry(state: &AppState, who: &Principal, id: &str) -> Result<JobRow
                 row.status
             ))
         })?;
+    if let Some(u) = &updated.user_id {
+        state.jobs.invalidate_usage(u);
+    }
     publish_outcome(state, &updated);
     state.jobs.notify(&updated.queue);
     Ok(updated)

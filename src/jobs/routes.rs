@@ -12,17 +12,15 @@ use axum::routing::{delete, get, post};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use super::queue::{self, JobError, JobView, SubmitRequest, Submitted};
-use super::sse;
+use super::{sse, uploads};
 use crate::auth::extract::bearer;
 use crate::auth::{AdminUser, AuthError, AuthUser, Grant};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
-use crate::storage::jobs::{self as q, STATUSES, UploadRow};
+use crate::storage::jobs::{self as q, STATUSES};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -40,6 +38,7 @@ pub fn router() -> Router<AppState> {
             "/api/v1/uploads",
             post(upload).layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/uploads/{id}", delete(delete_upload))
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),
@@ -52,7 +51,7 @@ pub fn router() -> Router<AppState> {
         (status = 402, description = "`plan_limit`: over the plan's quota (members `limit`, `max`, `used`)"),
         (status = 409, description = "`conflict`: the Idempotency-Key was used with a different body"),
         (status = 415, description = "Not JSON"),
-        (status = 422, description = "`invalid_input`: unknown kind, bad payload, queue, priority, run_at or max_attempts")))]
+        (status = 422, description = "`invalid_input`: unknown kind, bad payload, queue, priority, run_at or max_attempts; `reserved_queue`: the `system` queue is for internal jobs")))]
 async fn submit(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
@@ -209,7 +208,7 @@ async fn cancel(
     params(("id" = String, Path, description = "Job id")),
     responses((status = 200, description = "Queued again with a fresh budget of attempts", body = JobView),
         (status = 401, description = "`unauthorized`"),
-        (status = 402, description = "`plan_limit`"),
+        (status = 402, description = "`plan_limit`: the owner's plan allows no more active jobs or jobs this period (members `limit`, `max`, `used`), as at submit"),
         (status = 404, description = "`not_found`: no such job of this user"),
         (status = 409, description = "`conflict`: only `dead` or `canceled` jobs can be retried")))]
 async fn retry(
@@ -396,7 +395,7 @@ async fn discard(
 }
 
 /// Stores an archive for the `analyze` kind: a raw body, or the first file of a
-/// multipart form. Streams to disk with the plan's size limit enforced as bytes arrive.
+/// multipart form. Streams to disk with the plan's limits enforced as bytes arrive.
 #[utoipa::path(post, path = "/api/v1/uploads", tag = "jobs", security(("bearer" = [])),
     request_body(content(
         (Vec<u8> = "application/octet-stream"),
@@ -405,31 +404,22 @@ async fn discard(
     responses((status = 201, description = "Stored, for the `analyze` kind", body = crate::openapi::Upload),
         (status = 400, description = "`invalid_input`: malformed form or interrupted upload"),
         (status = 401, description = "`unauthorized`"),
+        (status = 402, description = "`storage_quota_exceeded`: the plan's `max_storage_bytes` would be exceeded (members `max`, `used`)"),
         (status = 413, description = "`payload_too_large`: over the plan's `max_upload_bytes`"),
-        (status = 422, description = "`invalid_input`: empty upload or form without a file")))]
+        (status = 422, description = "`invalid_input`: empty upload or form without a file"),
+        (status = 429, description = "`rate_limited`: over `uploads.rate_limit` per `uploads.rate_window`"),
+        (status = 503, description = "`unavailable`: the disk is full, read-only or below `uploads.min_free_bytes`")))]
 async fn upload(
     State(state): State<AppState>,
     AuthUser(who): AuthUser,
     req: Request,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
-    let limit = state
-        .billing
-        .entitlement(&who.user_id)
-        .await
-        .limits
-        .max_upload_bytes;
-    let dir = state.config.data_dir.join("uploads");
-    tokio::fs::create_dir_all(&dir)
-        .await
-        .map_err(ApiError::internal)?;
-    let id = crate::ids::new_id();
-    let tmp = dir.join(format!(".{id}.partial"));
     let is_multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("multipart/form-data"));
-    let written = if is_multipart {
+    let row = if is_multipart {
         let mut mp = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad_request(e.body_text()))?;
@@ -452,71 +442,33 @@ async fn upload(
             }
         };
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-        let (_, saved) = tokio::join!(pump, save_stream(&tmp, Box::pin(stream), limit));
-        saved
+        let (_, stored) =
+            tokio::join!(pump, uploads::store(&state, &who.user_id, Box::pin(stream)));
+        stored?
     } else {
         let stream = req
             .into_body()
             .into_data_stream()
             .map(|r| r.map_err(|e| e.to_string()));
-        save_stream(&tmp, Box::pin(stream), limit).await
+        uploads::store(&state, &who.user_id, Box::pin(stream)).await?
     };
-    let (size, sha) = match written {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
-    };
-    if size == 0 {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(ApiError::invalid_input("the upload is empty"));
-    }
-    tokio::fs::rename(&tmp, dir.join(&id))
-        .await
-        .map_err(ApiError::internal)?;
-    let row = UploadRow {
-        id: id.clone(),
-        user_id: who.user_id.clone(),
-        size,
-        sha256: sha.clone(),
-        created_at: state.now_millis(),
-    };
-    state
-        .storage
-        .write(move |c| q::insert_upload(c, &row))
-        .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "size": size, "sha256": sha })),
+        Json(json!({ "id": row.id, "size": row.size, "sha256": row.sha256 })),
     ))
 }
 
-async fn save_stream(
-    path: &std::path::Path,
-    mut stream: std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<bytes::Bytes, String>> + Send>,
-    >,
-    limit: u64,
-) -> Result<(u64, String), ApiError> {
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut hasher = Sha256::new();
-    let mut size: u64 = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("upload interrupted: {e}")))?;
-        size += chunk.len() as u64;
-        if size > limit {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("uploads on your plan are limited to {limit} bytes"),
-            ));
-        }
-        hasher.update(&chunk);
-        file.write_all(&chunk).await.map_err(ApiError::internal)?;
-    }
-    file.sync_all().await.map_err(ApiError::internal)?;
-    Ok((size, hex::encode(hasher.finalize())))
+#[utoipa::path(delete, path = "/api/v1/uploads/{id}", tag = "jobs", security(("bearer" = [])),
+    params(("id" = String, Path, description = "Upload id")),
+    responses((status = 204, description = "Deleted, file and record"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such upload of this user"),
+        (status = 409, description = "`upload_in_use`: a queued, running or retrying job uses it")))]
+async fn delete_upload(
+    State(state): State<AppState>,
+    AuthUser(who): AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    uploads::delete(&state, &who.user_id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

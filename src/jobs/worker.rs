@@ -124,9 +124,14 @@ async fn claim(state: &AppState, queue: &str, n: usize) -> Result<Vec<JobRow>, S
     let qname = queue.to_string();
     let lease_until = now + state.config.jobs.lease.as_millis() as i64;
     let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let turn = state.jobs.turn_handle(queue);
     state
         .storage
-        .write(move |c| q::claim(c, &qname, n, now, lease_until, &worker))
+        .write(move |c| {
+            // Locked only inside the writer, which runs one closure at a time.
+            let mut turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+            q::claim(c, &qname, n, now, lease_until, &worker, &mut turn)
+        })
         .await
 }
 
@@ -865,6 +870,9 @@ const HOUR: Duration = Duration::from_secs(3600);
 async fn run_periodic(state: &AppState) {
     if due(state, "jobs.purge", HOUR).await {
         purge(state).await;
+    }
+    if due(state, "uploads.purge", HOUR).await {
+        super::uploads::purge(state).await;
     }
     if due(state, "auth.purge_expired", HOUR).await {
         let now = state.now_millis();

@@ -195,22 +195,50 @@ pub fn set_period_usage(
     Ok(())
 }
 
-/// The highest priority below `?2` among the waiting jobs of queue `?1`: one index seek.
-const NEXT_PRIORITY: &str = "SELECT MAX(priority) FROM jobs
-     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND priority < ?2";
+/// Where a queue's round-robin over job owners stands, kept by the caller between claims.
+/// The owners of a queue's waiting jobs take turns in a fixed cycle: internal jobs (no
+/// user) first, then users by id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Turn {
+    /// The next cycle starts with internal jobs.
+    #[default]
+    Start,
+    /// Internal jobs were served last; users come next.
+    AfterInternal,
+    /// This user was served last; the next user by id comes next.
+    After(String),
+}
 
-/// Calls `f` with each priority that has waiting jobs in `queue`, highest first, one
-/// index seek each, until `f` breaks. `jobs_claim` is ordered by (queue, priority DESC,
-/// run_at), so under each priority the jobs are in run_at order and `f` can seek too.
+/// Who owns a group of waiting jobs: a user, or None for internal jobs.
+type Owner = Option<String>;
+
+/// The first user by id after `?2` with waiting jobs in queue `?1`: one index seek.
+const NEXT_OWNER: &str = "SELECT MIN(user_id) FROM jobs
+     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND user_id > ?2";
+
+/// Whether queue `?1` has waiting internal jobs: one index seek.
+const HAS_INTERNAL: &str = "SELECT EXISTS (SELECT 1 FROM jobs
+     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND user_id IS NULL)";
+
+/// The highest priority below `?3` among the waiting jobs of owner `?2` (NULL: internal)
+/// in queue `?1`: one index seek.
+const NEXT_PRIORITY: &str = "SELECT MAX(priority) FROM jobs
+     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND user_id IS ?2 AND priority < ?3";
+
+/// Calls `f` with each priority that has waiting jobs of `owner` in `queue`, highest
+/// first, one index seek each, until `f` breaks. `jobs_claim` is ordered by (queue,
+/// user_id, priority DESC, run_at), so under each priority the jobs are in run_at order and
+/// `f` can seek too.
 fn each_waiting_priority(
     conn: &Connection,
     queue: &str,
+    owner: Option<&str>,
     mut f: impl FnMut(i64) -> Result<ControlFlow<()>, StorageError>,
 ) -> Result<(), StorageError> {
     let mut next_priority = conn.prepare_cached(NEXT_PRIORITY)?;
     let mut below = i64::MAX;
     while let Some(priority) =
-        next_priority.query_row(params![queue, below], |r| r.get::<_, Option<i64>>(0))?
+        next_priority.query_row(params![queue, owner, below], |r| r.get::<_, Option<i64>>(0))?
     {
         if f(priority)?.is_break() {
             break;
@@ -220,45 +248,27 @@ fn each_waiting_priority(
     Ok(())
 }
 
-/// Runnable jobs of one priority in run_at order: a range at the start of that priority's
+/// Runnable jobs of one owner and priority in run_at order: a range at the start of that
 /// part of `jobs_claim`.
 const DUE_AT_PRIORITY: &str = "SELECT id FROM jobs
-     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND priority = ?2 AND run_at <= ?3
-     ORDER BY run_at LIMIT ?4";
+     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND user_id IS ?2 AND priority = ?3
+       AND run_at <= ?4
+     ORDER BY run_at LIMIT ?5";
 
-/// Marks the waiting jobs whose ids are in the JSON array `?1` running for worker `?4`
-/// with a lease until `?3`: each id one seek of the primary key.
-const TAKE: &str = "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_until = ?3,
-            worker = ?4, started_at = ?2, finished_at = NULL, updated_at = ?2
-     WHERE id IN (SELECT value FROM json_each(?1))
-       AND (status = 'queued' OR status = 'retrying')";
-
-/// Claims up to `limit` runnable jobs of `queue` for this worker, by priority then
-/// run_at, setting running + lease + attempt; returned in claim order.
-///
-/// `jobs_claim` is ordered by (queue, priority DESC, run_at), so one
-/// `WHERE run_at <= now ORDER BY priority DESC, run_at` reads past every job scheduled for
-/// later (≈ 45 ms of the single writer per claim with 200k scheduled jobs). Instead the
-/// claim walks the distinct waiting priorities from the top, one seek each, and takes
-/// each one's due jobs as a range: its cost follows the jobs it claims and the number of
-/// priorities in use, not the backlog.
-pub fn claim(
+/// Up to `limit` runnable jobs of `owner` in `queue`, by priority then run_at: a seek per
+/// waiting priority of that owner and a range each, however many are scheduled later.
+fn due_of_owner(
     conn: &Connection,
     queue: &str,
-    limit: u32,
+    owner: Option<&str>,
     now: Millis,
-    lease_until: Millis,
-    worker: &str,
-) -> Result<Vec<JobRow>, StorageError> {
-    let limit = limit as usize;
-    let mut ids: Vec<String> = Vec::with_capacity(limit);
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
+    limit: usize,
+) -> Result<Vec<String>, StorageError> {
+    let mut ids = Vec::new();
     let mut due = conn.prepare_cached(DUE_AT_PRIORITY)?;
-    each_waiting_priority(conn, queue, |priority| {
+    each_waiting_priority(conn, queue, owner, |priority| {
         let left = limit - ids.len();
-        let mut rows = due.query(params![queue, priority, now, left as i64])?;
+        let mut rows = due.query(params![queue, owner, priority, now, left as i64])?;
         while let Some(r) = rows.next()? {
             ids.push(r.get(0)?);
         }
@@ -268,6 +278,146 @@ pub fn claim(
             ControlFlow::Break(())
         })
     })?;
+    Ok(ids)
+}
+
+/// Owners visited in one claim beyond its limit before it stops looking (owners whose
+/// waiting jobs are all scheduled for later cost a visit and give nothing). The turn
+/// moves past them, so the next claim goes on from there.
+const EXTRA_OWNER_VISITS: usize = 64;
+
+/// Calls `f` with each owner of waiting jobs in `queue`, one cycle in turn order starting
+/// after `turn`, until `f` breaks; sets `turn` to the last owner visited. One index seek
+/// per owner.
+fn each_owner_in_turn(
+    conn: &Connection,
+    queue: &str,
+    turn: &mut Turn,
+    mut f: impl FnMut(Option<&str>) -> Result<ControlFlow<()>, StorageError>,
+) -> Result<(), StorageError> {
+    let mut next_owner = conn.prepare_cached(NEXT_OWNER)?;
+    let mut has_internal = conn.prepare_cached(HAS_INTERNAL)?;
+    // The next candidate: the internal jobs (None), or the first user after this id.
+    let mut at: Option<String> = match turn {
+        Turn::Start => None,
+        Turn::AfterInternal => Some(String::new()),
+        Turn::After(u) => Some(u.clone()),
+    };
+    let mut internal_seen = false;
+    let mut first_user: Option<String> = None;
+    loop {
+        let owner: Owner = match at.take() {
+            None => {
+                if internal_seen {
+                    return Ok(());
+                }
+                internal_seen = true;
+                at = Some(String::new());
+                if !has_internal.query_row([queue], |r| r.get::<_, bool>(0))? {
+                    continue;
+                }
+                *turn = Turn::AfterInternal;
+                None
+            }
+            Some(after) => {
+                let next: Option<String> =
+                    next_owner.query_row(params![queue, after], |r| r.get(0))?;
+                match next {
+                    // Back at the first user of this cycle: every owner had a turn.
+                    Some(u) if first_user.as_deref() == Some(u.as_str()) => return Ok(()),
+                    Some(u) => {
+                        first_user.get_or_insert_with(|| u.clone());
+                        at = Some(u.clone());
+                        *turn = Turn::After(u.clone());
+                        Some(u)
+                    }
+                    // Past the last user: the internal jobs are next.
+                    None if internal_seen && first_user.is_none() => return Ok(()),
+                    None => {
+                        at = None;
+                        continue;
+                    }
+                }
+            }
+        };
+        if f(owner.as_deref())?.is_break() {
+            return Ok(());
+        }
+    }
+}
+
+/// Marks the waiting jobs whose ids are in the JSON array `?1` running for worker `?4`
+/// with a lease until `?3`: each id one seek of the primary key.
+const TAKE: &str = "UPDATE jobs SET status = 'running', attempt = attempt + 1, lease_until = ?3,
+            worker = ?4, started_at = ?2, finished_at = NULL, updated_at = ?2
+     WHERE id IN (SELECT value FROM json_each(?1))
+       AND (status = 'queued' OR status = 'retrying')";
+
+/// Claims up to `limit` runnable jobs of `queue` for this worker, setting running, lease
+/// and attempt; returned in claim order. Fair across owners: every owner with runnable jobs
+/// gets one before any gets a second (round-robin from `turn`, which the caller keeps per
+/// queue), and the slots left are shared out evenly. Priority orders jobs only within
+/// their owner's own jobs, so no user's backlog or priority starves another user.
+///
+/// Cost follows the jobs claimed, the owners visited and their priorities in use, never
+/// the backlog: each owner is one seek of `jobs_claim` (queue, user_id, priority DESC,
+/// run_at), each of its waiting priorities one more, and its due jobs a range.
+pub fn claim(
+    conn: &Connection,
+    queue: &str,
+    limit: u32,
+    now: Millis,
+    lease_until: Millis,
+    worker: &str,
+    turn: &mut Turn,
+) -> Result<Vec<JobRow>, StorageError> {
+    let limit = limit as usize;
+    if limit == 0 {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<String> = Vec::with_capacity(limit);
+    // One job of each owner in turn.
+    let mut served: Vec<(Owner, String)> = Vec::new();
+    let mut visits = 0;
+    each_owner_in_turn(conn, queue, turn, |owner| {
+        visits += 1;
+        if let Some(id) = due_of_owner(conn, queue, owner, now, 1)?.pop() {
+            served.push((owner.map(str::to_string), id.clone()));
+            ids.push(id);
+        }
+        Ok(
+            if ids.len() >= limit || visits >= limit + EXTRA_OWNER_VISITS {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            },
+        )
+    })?;
+    // The slots left, shared evenly among the owners served (in turn order); what an
+    // owner cannot use goes to the others in the next round. Every owner's due jobs come
+    // in the same order within this transaction, so an owner that has given `n` gives its
+    // next ones by skipping `n`. Each round fills the slots or runs an owner dry.
+    let mut left = limit - ids.len();
+    let mut taken: Vec<(Owner, usize)> = served.into_iter().map(|(o, _)| (o, 1)).collect();
+    while left > 0 && !taken.is_empty() {
+        let mut i = 0;
+        while i < taken.len() && left > 0 {
+            let share = left.div_ceil(taken.len() - i);
+            let (owner, n) = &mut taken[i];
+            let more: Vec<String> = due_of_owner(conn, queue, owner.as_deref(), now, *n + share)?
+                .into_iter()
+                .skip(*n)
+                .collect();
+            left -= more.len();
+            *n += more.len();
+            if more.len() < share {
+                taken.remove(i);
+            } else {
+                i += 1;
+            }
+            ids.extend(more);
+        }
+    }
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -289,23 +439,37 @@ pub fn claim(
     Ok(rows)
 }
 
-/// The earliest `run_at` among the waiting jobs of one priority: one index seek.
+/// The earliest `run_at` among the waiting jobs of one owner and priority: one seek.
 const FIRST_AT_PRIORITY: &str = "SELECT MIN(run_at) FROM jobs
-     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND priority = ?2";
+     WHERE queue = ?1 AND status IN ('queued', 'retrying') AND user_id IS ?2 AND priority = ?3";
+
+/// Owners [`next_run_at`] looks at before it answers with what it found.
+const NEXT_RUN_OWNERS: usize = 256;
 
 /// When the next job of `queue` becomes runnable, if any is waiting.
 ///
 /// An idle dispatcher asks this every time it runs out of work. A plain `MIN(run_at)`
 /// over `jobs_claim` reads every waiting job of the queue (≈ 45 ms with 200k scheduled
-/// jobs, on each wake); this takes the earliest of each waiting priority instead, one
-/// seek each, like [`claim`].
+/// jobs, on each wake); this takes the earliest of each owner's waiting priorities
+/// instead, one seek each. Past [`NEXT_RUN_OWNERS`] owners it answers with the earliest
+/// found so far: the dispatcher polls at least once a second anyway.
 pub fn next_run_at(conn: &Connection, queue: &str) -> Result<Option<Millis>, StorageError> {
     let mut first = conn.prepare_cached(FIRST_AT_PRIORITY)?;
     let mut earliest: Option<Millis> = None;
-    each_waiting_priority(conn, queue, |priority| {
-        let at: Option<Millis> = first.query_row(params![queue, priority], |r| r.get(0))?;
-        earliest = earliest.into_iter().chain(at).min();
-        Ok(ControlFlow::Continue(()))
+    let mut owners = 0;
+    each_owner_in_turn(conn, queue, &mut Turn::Start, |owner| {
+        each_waiting_priority(conn, queue, owner, |priority| {
+            let at: Option<Millis> =
+                first.query_row(params![queue, owner, priority], |r| r.get(0))?;
+            earliest = earliest.into_iter().chain(at).min();
+            Ok(ControlFlow::Continue(()))
+        })?;
+        owners += 1;
+        Ok(if owners >= NEXT_RUN_OWNERS {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
     })?;
     Ok(earliest)
 }
@@ -874,6 +1038,71 @@ pub fn get_upload(conn: &Connection, id: &str) -> Result<Option<UploadRow>, Stor
         .optional()?)
 }
 
+/// The bytes of all of `user_id`'s uploads (the plan's `max_storage_bytes`): a range of
+/// `uploads_user`.
+pub fn stored_bytes(conn: &Connection, user_id: &str) -> Result<u64, StorageError> {
+    let n: i64 = conn
+        .prepare_cached("SELECT COALESCE(SUM(size), 0) FROM uploads WHERE user_id = ?1")?
+        .query_row([user_id], |r| r.get(0))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Whether an active (queued, running, retrying) `analyze` job of `user_id` uses upload
+/// `upload_id`. Such a job was created after the upload, so this reads only the user's
+/// jobs since then (ids are time-ordered): a range of `jobs_user`.
+pub fn upload_in_use(
+    conn: &Connection,
+    user_id: &str,
+    upload_id: &str,
+    created_at: Millis,
+) -> Result<bool, StorageError> {
+    let lower = crate::ids::id_floor_for_millis(created_at);
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE user_id = ?1 AND id >= ?2
+               AND kind = 'analyze'
+               AND (status = 'queued' OR status = 'running' OR status = 'retrying')
+               AND json_extract(payload, '$.upload_id') = ?3)",
+        )?
+        .query_row(params![user_id, lower, upload_id], |r| r.get(0))?)
+}
+
+pub fn delete_upload(conn: &Connection, id: &str) -> Result<bool, StorageError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM uploads WHERE id = ?1")?
+        .execute([id])?
+        == 1)
+}
+
+/// Uploads stored before `before` (oldest first, after the `(created_at, id)` cursor
+/// `after`, at most `limit`), for retention.
+pub fn uploads_stored_before(
+    conn: &Connection,
+    before: Millis,
+    after: (Millis, &str),
+    limit: u32,
+) -> Result<Vec<UploadRow>, StorageError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, user_id, size, sha256, created_at FROM uploads
+         WHERE created_at < ?1 AND (created_at, id) > (?2, ?3)
+         ORDER BY created_at, id LIMIT ?4",
+    )?;
+    let rows = stmt
+        .query_map(params![before, after.0, after.1, limit], upload_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+fn upload_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UploadRow> {
+    Ok(UploadRow {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        size: r.get(2)?,
+        sha256: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
 /// A small key/value for process bookkeeping (e.g. when a periodic task last ran).
 pub fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, StorageError> {
     Ok(conn
@@ -1017,7 +1246,16 @@ mod tests {
         }
         // Claiming through the real query keeps it too.
         job_at(&c, 1_800_000_000_000);
-        claim(&c, "fast", 10, 1_900_000_000_000, 1_900_000_060_000, "w").expect("claim");
+        claim(
+            &c,
+            "fast",
+            10,
+            1_900_000_000_000,
+            1_900_000_060_000,
+            "w",
+            &mut Turn::default(),
+        )
+        .expect("claim");
         assert_eq!(
             count_active(&c, "u1").expect("active") as i64,
             active_by_count(&c)
@@ -1118,13 +1356,20 @@ mod tests {
             "{p}"
         );
         let p = plan(&c, NEXT_PRIORITY);
-        assert!(p.contains("jobs_claim (queue=? AND priority<?)"), "{p}");
+        assert!(
+            p.contains("jobs_claim (queue=? AND user_id=? AND priority<?)"),
+            "{p}"
+        );
         let p = plan(&c, DUE_AT_PRIORITY);
         assert!(
-            p.contains("jobs_claim (queue=? AND priority=? AND run_at<?)"),
+            p.contains("jobs_claim (queue=? AND user_id=? AND priority=? AND run_at<?)"),
             "{p}"
         );
         assert!(!p.contains("TEMP B-TREE"), "no sort: {p}");
+        let p = plan(&c, NEXT_OWNER);
+        assert!(p.contains("jobs_claim (queue=? AND user_id>?)"), "{p}");
+        let p = plan(&c, HAS_INTERNAL);
+        assert!(p.contains("jobs_claim (queue=? AND user_id=?)"), "{p}");
     }
 
     #[test]
@@ -1175,6 +1420,7 @@ mod tests {
             1_800_000_000_000,
             1_800_000_060_000,
             "w",
+            &mut Turn::default(),
         )
         .expect("claim");
         assert_eq!(claimed.len(), n - 1);
@@ -1423,14 +1669,14 @@ mod tests {
                 }
             }
         }
-        // Seeks on (queue, priority), never a walk of the queue's whole backlog.
+        // Seeks on (queue, owner, priority), never a walk of the queue's whole backlog.
         let plan = [plan(&c, NEXT_PRIORITY), plan(&c, FIRST_AT_PRIORITY)].join(" | ");
         assert!(
-            plan.contains("jobs_claim (queue=? AND priority=?)"),
+            plan.contains("jobs_claim (queue=? AND user_id=? AND priority=?)"),
             "{plan}"
         );
         assert!(
-            plan.contains("jobs_claim (queue=? AND priority<?)"),
+            plan.contains("jobs_claim (queue=? AND user_id=? AND priority<?)"),
             "{plan}"
         );
     }
@@ -1470,7 +1716,16 @@ mod tests {
         let mut claimed_total = 0;
         for limit in [1_u32, 7, 30, 1000] {
             let want = reference(&c, limit);
-            let got = claim(&c, "fast", limit, now, now + 60_000, "w").expect("claim");
+            let got = claim(
+                &c,
+                "fast",
+                limit,
+                now,
+                now + 60_000,
+                "w",
+                &mut Turn::default(),
+            )
+            .expect("claim");
             let ids: Vec<String> = got.iter().map(|r| r.id.clone()).collect();
             assert_eq!(ids, want, "limit {limit}");
             assert!(got.iter().all(|r| r.status == "running" && r.run_at <= now));
@@ -1478,7 +1733,7 @@ mod tests {
         }
         assert!(claimed_total > 0);
         assert!(
-            claim(&c, "fast", 10, now, now + 60_000, "w")
+            claim(&c, "fast", 10, now, now + 60_000, "w", &mut Turn::default())
                 .expect("claim")
                 .is_empty()
         );
@@ -1492,5 +1747,87 @@ mod tests {
             )
             .expect("count");
         assert_eq!(waiting_due, 0);
+    }
+
+    #[test]
+    fn claims_take_owners_in_turn_so_no_backlog_or_priority_starves_another() {
+        let c = db_with_user();
+        for u in ["u2", "u3"] {
+            c.execute(
+                "INSERT INTO users (id, email, email_verified, role, token_version, disabled,
+                                    created_at, updated_at)
+                 VALUES (?1, ?1 || '@example.com', 1, 'user', 0, 0, 0, 0)",
+                [u],
+            )
+            .expect("user");
+        }
+        let now = 1_800_000_000_000;
+        let add = |id: &str, user: Option<&str>, priority: i64, run_at: Millis| {
+            insert_job(
+                &c,
+                &NewJob {
+                    id,
+                    user_id: user,
+                    kind: "demo",
+                    queue: "fast",
+                    priority,
+                    payload: "{}",
+                    max_attempts: 1,
+                    run_at,
+                    idempotency_key: None,
+                    request_hash: None,
+                    now: run_at,
+                },
+            )
+            .expect("job");
+        };
+        // u1: a backlog of 200 at the top priority, plus jobs scheduled for later.
+        for i in 0..200 {
+            add(&format!("a{i:03}"), Some("u1"), 1000, now - 10_000 + i);
+        }
+        for i in 0..50 {
+            add(&format!("s{i:03}"), Some("u1"), 1000, now + 60_000 + i);
+        }
+        // u2: one job at the lowest priority, submitted last; u3 two; one internal job.
+        add("b0", Some("u2"), -1000, now);
+        add("c0", Some("u3"), 0, now);
+        add("c1", Some("u3"), 5, now);
+        add("m0", None, 10, now);
+        let mut turn = Turn::default();
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let got = claim(&c, "fast", 1, now, now + 60_000, "w", &mut turn).expect("claim");
+            order.extend(got.into_iter().map(|r| r.id));
+        }
+        // One slot at a time: every owner in turn, priority only within an owner.
+        assert_eq!(order, ["m0", "a000", "b0", "c1", "a001", "c0"], "{order:?}");
+        // A wide claim shares its slots: u1's backlog takes what the others leave.
+        add("b1", Some("u2"), 0, now);
+        let got = claim(&c, "fast", 10, now, now + 60_000, "w", &mut turn).expect("claim");
+        let ids: Vec<&str> = got.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids.len(), 10);
+        assert!(ids.contains(&"b1"), "{ids:?}");
+        assert_eq!(ids.iter().filter(|i| i.starts_with('a')).count(), 9);
+        assert!(
+            !ids.iter().any(|i| i.starts_with('s')),
+            "not yet due: {ids:?}"
+        );
+        // Whatever the turn, the plain order within one owner holds.
+        let a: Vec<&str> = ids.iter().copied().filter(|i| i.starts_with('a')).collect();
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(a, sorted);
+        // Nothing due is left but u1's backlog; nothing at all once drained.
+        let mut left = 0;
+        loop {
+            let got = claim(&c, "fast", 64, now, now + 60_000, "w", &mut turn).expect("claim");
+            if got.is_empty() {
+                break;
+            }
+            assert!(got.iter().all(|r| r.id.starts_with('a')));
+            left += got.len();
+        }
+        assert_eq!(left, 200 - 2 - 9);
+        assert_eq!(next_run_at(&c, "fast").expect("next"), Some(now + 60_000));
     }
 }

@@ -44,6 +44,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0008_auth_limits",
         include_str!("../../migrations/0008_auth_limits.sql"),
     ),
+    (
+        "0009_jobs_fairness_uploads",
+        include_str!("../../migrations/0009_jobs_fairness_uploads.sql"),
+    ),
 ];
 
 /// The first line of a migration that must run with foreign keys off.

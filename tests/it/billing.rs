@@ -34,6 +34,7 @@ fn configure(c: &mut warpbase::Config) {
                 jobs_per_period: 1000,
                 concurrent_jobs: 4,
                 max_upload_bytes: 1 << 20,
+                max_storage_bytes: 10 << 20,
             },
         },
         PlanConfig {
@@ -48,6 +49,7 @@ fn configure(c: &mut warpbase::Config) {
                 jobs_per_period: 100_000,
                 concurrent_jobs: 8,
                 max_upload_bytes: 1 << 20,
+                max_storage_bytes: 10 << 20,
             },
         },
     ];

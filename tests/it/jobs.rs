@@ -45,6 +45,7 @@ fn free_plan(
             jobs_per_period,
             concurrent_jobs,
             max_upload_bytes,
+            max_storage_bytes: max_upload_bytes * 10,
         },
     });
 }

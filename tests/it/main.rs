@@ -18,6 +18,7 @@ mod openapi;
 mod ops;
 mod sec_a;
 mod sec_b;
+mod sec_c;
 mod sec_d;
 mod sec_e;
 mod stripe_real;

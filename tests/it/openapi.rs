@@ -50,6 +50,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/api/v1/admin/jobs/dead"),
     ("DELETE", "/api/v1/admin/jobs/{id}"),
     ("POST", "/api/v1/uploads"),
+    ("DELETE", "/api/v1/uploads/{id}"),
     ("GET", "/api/v1/auth/providers"),
     ("GET", "/api/v1/auth/oauth/{provider}/authorize"),
     ("POST", "/api/v1/auth/oauth/{provider}/link"),

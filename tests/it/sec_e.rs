@@ -32,6 +32,7 @@ fn setup(c: &mut warpbase::Config) {
             jobs_per_period: 100_000,
             concurrent_jobs: 100_000,
             max_upload_bytes: 1 << 20,
+            max_storage_bytes: 1 << 30,
         },
     });
 }
