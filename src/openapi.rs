@@ -389,15 +389,18 @@ pub mod oauth_routes {
 
     #[utoipa::path(get, path = "/api/v1/auth/oauth/{provider}/authorize", tag = "accounts",
         params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
-        responses((status = 302, description = "To the provider, with `state`, `code_challenge` (S256) and `nonce` (OIDC)",
-                headers(("location" = String))),
+        responses((status = 302, description = "To the provider, with `state`, `code_challenge` (S256) and `nonce` (OIDC); \
+                sets the HttpOnly browser-binding cookie the callback and exchange require",
+                headers(("location" = String), ("set-cookie" = String))),
             (status = 404, description = "`not_found`: the provider is not enabled")))]
     pub fn authorize() {}
 
     #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/link", tag = "accounts",
         security(("bearer" = [])),
         params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
-        responses((status = 200, description = "Where to send the browser to link this provider to the account", body = AuthorizeUrl),
+        responses((status = 200, description = "Where to send the browser to link this provider to the account; \
+                sets the browser-binding cookie, so only this browser can complete the link", body = AuthorizeUrl,
+                headers(("set-cookie" = String))),
             (status = 401, description = "`unauthorized`"),
             (status = 404, description = "`not_found`: the provider is not enabled")))]
     pub fn link() {}

@@ -326,7 +326,7 @@ struct PasswordBody {
     request_body = PasswordBody,
     responses((status = 200, description = "Tokens for this client; all other sessions are revoked", body = SignedIn),
         (status = 400, description = "Malformed JSON"),
-        (status = 401, description = "`unauthorized`, `invalid_credentials` (wrong current password)"),
+        (status = 401, description = "`unauthorized`, `invalid_credentials` (wrong current password), `step_up_required` (a first password needs a sign-in within `auth.step_up_window`)"),
         (status = 415, description = "Not JSON"),
         (status = 422, description = "`invalid_input`"),
         (status = 429, description = "`rate_limited`")))]
