@@ -11,6 +11,7 @@ pub mod engine;
 pub mod event;
 pub mod fake;
 pub mod fake_events;
+pub mod fake_pages;
 pub mod routes;
 pub mod signature;
 pub mod stripe;

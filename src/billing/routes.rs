@@ -27,7 +27,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/billing/webhook", post(webhook))
         .route("/api/v1/admin/billing/events", get(events))
         .route("/api/v1/admin/billing/events/{id}/replay", post(replay))
-        .merge(super::fake::router())
+        .merge(super::fake_pages::router())
 }
 
 #[utoipa::path(get, path = "/api/v1/billing/plans", tag = "billing",
