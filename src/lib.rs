@@ -75,7 +75,7 @@ impl App {
             .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
         let lock = storage::InstanceLock::acquire(&data_dir).map_err(anyhow::Error::msg)?;
         config.check_stripe().map_err(anyhow::Error::msg)?;
-        let (tightened, loose) = secrets::tighten_data_dir(&data_dir);
+        let (tightened, loose) = secrets::tighten_data_dir(&data_dir, storage::DB_FILE);
         for (path, old, new) in tightened {
             tracing::warn!(
                 "{} was mode {old:o}, open to other users; changed it to {new:o}",

@@ -58,14 +58,14 @@ pub type Tightened = (Vec<(std::path::PathBuf, u32, u32)>, Vec<String>);
 /// Makes an existing data dir private: the dir itself 0700 and the database files 0600
 /// (a dir made by hand or an older version is often 0755 with a 0644 database, which
 /// lets every local user read the password hashes). Failures are reported, not fatal:
-/// the caller warns and carries on.
-pub fn tighten_data_dir(dir: &Path) -> Tightened {
+/// the caller warns and carries on. `db_file` is the database's file name in `dir`.
+pub fn tighten_data_dir(dir: &Path, db_file: &str) -> Tightened {
     let mut changed = Vec::new();
     let mut failed = Vec::new();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let db = dir.join(crate::storage::DB_FILE);
+        let db = dir.join(db_file);
         let mut targets = vec![(dir.to_path_buf(), 0o700)];
         for suffix in ["", "-wal", "-shm"] {
             let mut name = db.clone().into_os_string();

@@ -74,7 +74,6 @@ const KNOWN: &[&str] = &[
     "jobs/worker.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/worker.rs (Jobs) uses AppState",
     "jobs/worker.rs (Jobs) uses rusqlite",
-    "secrets.rs (Base) names crate::storage::DB_FILE (Storage)",
 ];
 
 /// Route files: they parse, call one service method and render; no storage.
