@@ -170,39 +170,7 @@ pub enum Role {
     Admin,
 }
 
-/// `active`/`trialing` with a future period end, and `past_due` within the grace
-/// period, give the paid plan; `canceled` and `expired` report `plan: "free"`.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum SubscriptionStatus {
-    Free,
-    Trialing,
-    Active,
-    PastDue,
-    Canceled,
-    Expired,
-}
-
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Retrying,
-    Succeeded,
-    Dead,
-    Canceled,
-}
-
-/// How a Stripe event was processed.
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum EventStatus {
-    Applied,
-    Ignored,
-    Stale,
-    Failed,
-}
+pub use crate::storage::states::{EventStatus, JobStatus};
 
 // Response bodies the handlers build with `json!`.
 

@@ -703,7 +703,7 @@ mod tests {
     fn plan(usage: Option<Usage>, period_end: Option<i64>) -> Entitlement {
         Entitlement {
             plan: "pro".into(),
-            status: "past_due",
+            status: crate::storage::states::SubStatus::PastDue,
             current_period_end: period_end,
             cancel_at_period_end: true,
             grace_until: period_end.map(|e| e + 86_400_000),

@@ -33,8 +33,6 @@
 //! `EngineCtx::grace_secs` and the price→plan mapping.
 
 use std::cmp::Ordering;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,34 +41,10 @@ use super::event::{
     SUBSCRIPTION_DELETED, SUBSCRIPTION_UPDATED, StripeEvent,
 };
 
-/// A user's subscription status as warpbase reports it (API `Entitlement.status`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SubStatus {
-    /// No subscription, or one whose first payment has not gone through yet.
-    Free,
-    Trialing,
-    Active,
-    /// A renewal payment failed; access continues until `grace_until`.
-    PastDue,
-    /// The subscription ended (`customer.subscription.deleted`): no access.
-    Canceled,
-    /// The period or the grace ran out with no renewal.
-    Expired,
-}
+pub use crate::storage::states::SubStatus;
 
+/// Stripe's side of [`SubStatus`].
 impl SubStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SubStatus::Free => "free",
-            SubStatus::Trialing => "trialing",
-            SubStatus::Active => "active",
-            SubStatus::PastDue => "past_due",
-            SubStatus::Canceled => "canceled",
-            SubStatus::Expired => "expired",
-        }
-    }
-
     /// Maps a Stripe subscription status; `None` for a status Stripe may add later.
     pub fn from_stripe(status: &str) -> Option<SubStatus> {
         Some(match status {
@@ -86,33 +60,6 @@ impl SubStatus {
             "unpaid" | "incomplete_expired" | "paused" => SubStatus::Expired,
             "canceled" => SubStatus::Canceled,
             _ => return None,
-        })
-    }
-}
-
-impl fmt::Display for SubStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A string that is not one of [`SubStatus::as_str`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown subscription status {0:?}")]
-pub struct UnknownSubStatus(pub String);
-
-impl FromStr for SubStatus {
-    type Err = UnknownSubStatus;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "free" => SubStatus::Free,
-            "trialing" => SubStatus::Trialing,
-            "active" => SubStatus::Active,
-            "past_due" => SubStatus::PastDue,
-            "canceled" => SubStatus::Canceled,
-            "expired" => SubStatus::Expired,
-            other => return Err(UnknownSubStatus(other.to_owned())),
         })
     }
 }
@@ -797,26 +744,6 @@ mod tests {
             T0,
             &snap("active", "price_pro", T0, T0 + MONTH),
         )])
-    }
-
-    #[test]
-    fn status_strings_round_trip() {
-        for s in [
-            SubStatus::Free,
-            SubStatus::Trialing,
-            SubStatus::Active,
-            SubStatus::PastDue,
-            SubStatus::Canceled,
-            SubStatus::Expired,
-        ] {
-            assert_eq!(s.as_str().parse::<SubStatus>(), Ok(s));
-            assert_eq!(s.to_string(), s.as_str());
-            assert_eq!(
-                serde_json::to_value(s).expect("serialises"),
-                serde_json::Value::from(s.as_str())
-            );
-        }
-        assert!("paused".parse::<SubStatus>().is_err());
     }
 
     #[test]

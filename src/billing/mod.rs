@@ -95,8 +95,7 @@ pub struct Usage {
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Entitlement {
     pub plan: String,
-    #[schema(value_type = crate::openapi::SubscriptionStatus)]
-    pub status: &'static str,
+    pub status: SubStatus,
     #[serde(with = "crate::clock::serde_ms::option")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub current_period_end: Option<i64>,
@@ -334,7 +333,7 @@ impl Billing {
         };
         Entitlement {
             plan: plan_id,
-            status: status.as_str(),
+            status,
             current_period_end: if status == SubStatus::Free {
                 None
             } else {

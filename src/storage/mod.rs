@@ -10,6 +10,7 @@ pub mod billing;
 pub mod jobs;
 pub mod migrate;
 pub mod retention;
+pub mod states;
 pub mod users;
 mod writer;
 
