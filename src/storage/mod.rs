@@ -8,8 +8,10 @@
 pub mod auth;
 pub mod billing;
 pub mod jobs;
+pub mod meta;
 pub mod migrate;
 pub mod retention;
+pub mod uploads;
 pub mod users;
 mod writer;
 
