@@ -10,7 +10,7 @@
 //! decides about accounts and linking), follow HTTP redirects (the `oauth2` crate
 //! requires this against SSRF), make a call without a timeout, or put secrets, codes or
 //! tokens into errors, logs or `Debug` output.
-
+//!
 //! One file per provider: `github.rs` (REST API for the identity), `oidc.rs` (discovery,
 //! JWKS and ID-token validation), `google.rs` (an OIDC provider with fixed endpoints).
 //! This file holds what they share: configuration of the set, results and errors, the
