@@ -49,6 +49,8 @@ pub struct AppOptions {
     pub extra_routes: Option<axum::Router<AppState>>,
     /// Extra job kinds (tests register handlers that count their side effects).
     pub extra_kinds: Vec<jobs::KindSpec>,
+    /// A fault injected into every Stripe event application (tests prove rollback).
+    pub billing_fault: Option<Arc<dyn billing::ApplyFault>>,
 }
 
 /// A built, bound, not yet serving warpbase.
@@ -119,9 +121,14 @@ impl App {
         );
         let webhook_secrets = billing::webhook_secrets(&config)
             .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
-        let billing =
-            billing::Billing::new(&config, storage.clone(), clock.clone(), webhook_secrets)
-                .context("cannot set up the Stripe client")?;
+        let billing = billing::Billing::with_apply_fault(
+            &config,
+            storage.clone(),
+            clock.clone(),
+            webhook_secrets,
+            opts.billing_fault,
+        )
+        .context("cannot set up the Stripe client")?;
         let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
         kinds.extend(opts.extra_kinds);
         let jobs = jobs::Jobs::new(&config, kinds);

@@ -32,6 +32,7 @@ use crate::storage::billing as sb;
 use crate::storage::{Conn, Storage, StorageError};
 use engine::{BillingState, SubStatus};
 use stripe::{StripeApi, StripeError};
+pub use webhook::ApplyFault;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
@@ -136,8 +137,8 @@ struct Inner {
     /// Where this process serves HTTP, for the fake Stripe's webhook deliveries.
     self_url: OnceLock<String>,
     http: reqwest::Client,
-    #[cfg_attr(not(debug_assertions), allow(dead_code))]
-    fail_next_apply: std::sync::atomic::AtomicBool,
+    /// Tests only (see [`ApplyFault`]); `None` in production.
+    apply_fault: Option<Arc<dyn ApplyFault>>,
 }
 
 /// The webhook secrets accepted (the first also signs the fake Stripe's events): the
@@ -164,6 +165,18 @@ impl Billing {
         storage: Storage,
         clock: SharedClock,
         webhook_secrets: Vec<String>,
+    ) -> Result<Billing, StripeError> {
+        Billing::with_apply_fault(config, storage, clock, webhook_secrets, None)
+    }
+
+    /// As [`new`](Self::new), with a fault injected into every event application (tests
+    /// pass one through [`AppOptions`](crate::AppOptions) to prove rollback).
+    pub fn with_apply_fault(
+        config: &Config,
+        storage: Storage,
+        clock: SharedClock,
+        webhook_secrets: Vec<String>,
+        apply_fault: Option<Arc<dyn ApplyFault>>,
     ) -> Result<Billing, StripeError> {
         let offline = config.stripe.offline();
         let public_base = config.public_base().to_string();
@@ -199,7 +212,7 @@ impl Billing {
                     .redirect(reqwest::redirect::Policy::none())
                     .build()
                     .unwrap_or_default(),
-                fail_next_apply: std::sync::atomic::AtomicBool::new(false),
+                apply_fault,
             }),
         })
     }
@@ -376,20 +389,6 @@ impl Billing {
             return Ok(());
         };
         usage::enqueue_in(conn, &customer, job_id, now)
-    }
-
-    /// Test hook: make the next event application fail after writing, to prove rollback.
-    #[doc(hidden)]
-    pub fn fail_next_apply(&self) {
-        self.inner
-            .fail_next_apply
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn take_injected_failure(&self) -> bool {
-        self.inner
-            .fail_next_apply
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 }
 

@@ -17,6 +17,16 @@ use crate::storage::billing::{self as sb, EventRecord, StateRow};
 use crate::storage::users;
 use crate::storage::{Conn, StorageError};
 
+/// A fault injected into event application, so a test can prove that a failure after
+/// the writes rolls every one of them back (and that Stripe's retry then applies). Handed
+/// in at construction ([`Billing::with_apply_fault`], through
+/// [`AppOptions::billing_fault`](crate::AppOptions::billing_fault)); production has none.
+pub trait ApplyFault: Send + Sync {
+    /// Called inside the event's write transaction after everything is written, before
+    /// the commit. `Err(reason)` fails the application with that reason.
+    fn after_write(&self, event_id: &str) -> Result<(), String>;
+}
+
 /// What happened to one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Processed {
@@ -194,10 +204,10 @@ impl Billing {
             },
             now_ms,
         )?;
-        if self.take_injected_failure() {
-            return Err(BillingError::ApplyFailed(
-                "injected failure after writing (test hook)".into(),
-            ));
+        if let Some(fault) = &self.inner.apply_fault {
+            fault
+                .after_write(&event.id)
+                .map_err(BillingError::ApplyFailed)?;
         }
         Ok(Processed {
             duplicate: false,

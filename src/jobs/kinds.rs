@@ -15,7 +15,7 @@ use super::demo::{DemoPayload, run_demo};
 use super::{Handler, JobContext, JobFailure, KindSpec};
 use crate::config::Config;
 use crate::state::AppState;
-use crate::storage::jobs as q;
+use crate::storage::uploads as q;
 
 /// Time a command gets between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(5);

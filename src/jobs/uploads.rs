@@ -19,7 +19,7 @@ use tokio::io::AsyncWriteExt;
 use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::StorageError;
-use crate::storage::jobs::{self as q, UploadRow};
+use crate::storage::uploads::{self as q, UploadRow};
 
 /// A body being uploaded, as chunks or the reason it broke off.
 pub type Body = Pin<Box<dyn Stream<Item = Result<bytes::Bytes, String>> + Send>>;

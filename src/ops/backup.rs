@@ -99,7 +99,7 @@ pub fn until_due(last_run: Option<i64>, now: i64, interval: Duration) -> Duratio
 async fn last_run(state: &AppState) -> Result<Option<i64>, StorageError> {
     let value = state
         .storage
-        .read(|c| storage::jobs::meta_get(c, LAST_RUN_KEY))
+        .read(|c| storage::meta::get(c, LAST_RUN_KEY))
         .await?;
     Ok(value.and_then(|v| v.parse().ok()))
 }
@@ -160,7 +160,7 @@ async fn run_once(state: &AppState) -> Result<PathBuf, BackupError> {
     }
     state
         .storage
-        .write(move |c| storage::jobs::meta_set(c, LAST_RUN_KEY, &now.to_string(), now))
+        .write(move |c| storage::meta::set(c, LAST_RUN_KEY, &now.to_string(), now))
         .await?;
     metrics::gauge!("backup_last_success_timestamp_seconds").set(now as f64 / 1000.0);
     let keep = state.config.backup.keep.max(1) as usize;

@@ -8,9 +8,11 @@
 pub mod auth;
 pub mod billing;
 pub mod jobs;
+pub mod meta;
 pub mod migrate;
 pub mod retention;
 pub mod states;
+pub mod uploads;
 pub mod users;
 mod writer;
 

@@ -329,14 +329,32 @@ async fn grace_period_and_period_end_expire_with_the_clock() {
     app.shutdown().await;
 }
 
+/// Once armed, fails the next event application after its writes.
+#[derive(Default)]
+struct FailNextApply(std::sync::atomic::AtomicBool);
+
+impl warpbase::billing::ApplyFault for FailNextApply {
+    fn after_write(&self, _event_id: &str) -> Result<(), String> {
+        if self.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Err("injected failure after writing (test hook)".into());
+        }
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_failure_midway_rolls_back_and_the_retry_applies() {
-    let app = start().await;
+    let fault = Arc::new(FailNextApply::default());
+    let opts = AppOptions {
+        billing_fault: Some(fault.clone()),
+        ..Default::default()
+    };
+    let app = TestApp::start_with(configure, opts).await;
     let user = app.admin("fail@example.com").await;
     let cus = customer(&app, &user).await;
     let sub = FakeSubscription::new(&cus, "price_pro", now_secs(&app), 30 * 86400);
     let ev = fe::subscription_created(&sub, now_secs(&app));
-    app.state().billing.fail_next_apply();
+    fault.0.store(true, std::sync::atomic::Ordering::SeqCst);
     let r = post_event(&app, &ev, SECRET, now_secs(&app)).await;
     expect_problem(r, 500, "internal").await;
     // Nothing half-written: still free; the event is recorded as failed for admins.

@@ -15,10 +15,13 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use jsonwebtoken::{EncodingKey, Header};
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use super::google::GOOGLE_ISSUER;
+use super::oidc::select_key;
 use super::*;
 
 // Test keys, generated once with `openssl genrsa 2048` / `openssl ecparam -name prime256v1`
