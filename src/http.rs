@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower_http::compression::CompressionLayer;
 use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::error::{ApiError, ProblemCode};
 use crate::state::AppState;
@@ -33,11 +34,8 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
         max_header_bytes: state.config.max_header_bytes,
     };
     let json_limit = state.config.max_json_bytes;
-    let app = Router::new()
-        .merge(crate::ops::router())
-        .merge(crate::auth::routes::router())
-        .merge(crate::billing::routes::router())
-        .merge(crate::jobs::routes::router())
+    let (api, _doc) = api_routes().split_for_parts();
+    let app = api
         .merge(crate::web::router())
         .merge(extra.unwrap_or_default())
         .fallback(crate::web::fallback)
@@ -45,6 +43,16 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
     app.layer(CompressionLayer::new())
         .layer(middleware::from_fn_with_state(edge_limits, edge))
         .with_state(state)
+}
+
+/// The API routes with their OpenAPI document: what is routed here is what
+/// `GET /api/v1/openapi.json` describes ([`crate::openapi::api_doc`]).
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::base_doc())
+        .merge(crate::ops::router())
+        .merge(crate::auth::routes::router())
+        .merge(crate::billing::routes::router())
+        .merge(crate::jobs::routes::router())
 }
 
 /// Headers a request may carry; more is 431 (hyper refuses beyond
