@@ -20,8 +20,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use tower_http::compression::CompressionLayer;
 use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ProblemCode};
 use crate::state::AppState;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -33,11 +34,8 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
         max_header_bytes: state.config.max_header_bytes,
     };
     let json_limit = state.config.max_json_bytes;
-    let app = Router::new()
-        .merge(crate::ops::router())
-        .merge(crate::auth::routes::router())
-        .merge(crate::billing::routes::router())
-        .merge(crate::jobs::routes::router())
+    let (api, _doc) = api_routes().split_for_parts();
+    let app = api
         .merge(crate::web::router())
         .merge(extra.unwrap_or_default())
         .fallback(crate::web::fallback)
@@ -45,6 +43,16 @@ pub fn router(state: AppState, extra: Option<Router<AppState>>) -> Router {
     app.layer(CompressionLayer::new())
         .layer(middleware::from_fn_with_state(edge_limits, edge))
         .with_state(state)
+}
+
+/// The API routes with their OpenAPI document: what is routed here is what
+/// `GET /api/v1/openapi.json` describes ([`crate::openapi::api_doc`]).
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(crate::openapi::base_doc())
+        .merge(crate::ops::router())
+        .merge(crate::auth::routes::router())
+        .merge(crate::billing::routes::router())
+        .merge(crate::jobs::routes::router())
 }
 
 /// Headers a request may carry; more is 431 (hyper refuses beyond
@@ -109,8 +117,7 @@ async fn edge(State(limits): State<EdgeLimits>, mut req: Request, next: Next) ->
     let route = req.extensions().get::<MatchedPath>().cloned();
     let handled = if too_large {
         Ok(Ok(ApiError::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
+            ProblemCode::HeadersTooLarge,
             "the request headers are too large or too many",
         )
         .into_response()))
@@ -195,7 +202,10 @@ fn render_problem(mut resp: Response, request_id: &str) -> Response {
         None => return resp,
     };
     if error.status.is_server_error() {
-        tracing::error!(request_id = %request_id, code = error.code, status = error.status.as_u16(), "request failed");
+        // The one log line of a failed request: its cause and request id together.
+        let cause = error.cause.as_deref().unwrap_or(&error.detail);
+        tracing::error!(request_id = %request_id, status = error.status.as_u16(),
+            code = error.code.as_str(), cause = %cause, "request failed");
     }
     let body = serde_json::to_vec(&error.problem(request_id)).unwrap_or_default();
     let (mut parts, _) = resp.into_parts();
@@ -268,8 +278,7 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
 pub fn json_rejection(r: JsonRejection) -> ApiError {
     match r {
         JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ProblemCode::UnsupportedMediaType,
             "expected a body with Content-Type: application/json",
         ),
         JsonRejection::JsonSyntaxError(e) => {
@@ -329,4 +338,141 @@ pub fn time_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
     let malformed = || ApiError::bad_request("malformed cursor");
     let (t, id) = cursor.split_once(':').ok_or_else(malformed)?;
     Ok((t.parse::<i64>().map_err(|_| malformed())?, id.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::storage::StorageError;
+
+    /// A log sink the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> Vec<String> {
+            let bytes = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+            String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Sends one request with `x-request-id: rid` through the edge, with every log level
+    /// captured; returns the status and the log lines.
+    async fn logged(path: &str, rid: &str) -> (StatusCode, Vec<String>) {
+        let app: Router = Router::new()
+            .route(
+                "/internal",
+                get(|| async { Err::<(), _>(ApiError::internal("the disk is on fire")) }),
+            )
+            .route(
+                "/unavailable",
+                get(|| async { Err::<(), ApiError>(StorageError::Io("EIO on wal".into()).into()) }),
+            )
+            .route(
+                "/missing",
+                get(|| async { Err::<(), _>(ApiError::not_found("no such thing")) }),
+            )
+            .route(
+                "/panic",
+                get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("a handler bug");
+                    }
+                }),
+            )
+            .layer(middleware::from_fn_with_state(
+                EdgeLimits {
+                    timeout: Duration::from_secs(5),
+                    max_header_bytes: 16 * 1024,
+                },
+                edge,
+            ));
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let req = Request::builder()
+            .uri(path)
+            .header(REQUEST_ID, rid)
+            .body(Body::empty());
+        let Ok(req) = req else {
+            panic!("bad test request");
+        };
+        let status = match app.oneshot(req).await {
+            Ok(resp) => resp.status(),
+            Err(never) => match never {},
+        };
+        (status, captured.lines())
+    }
+
+    #[tokio::test]
+    async fn a_500_is_logged_once_with_its_cause_and_request_id() {
+        let (status, lines) = logged("/internal", "rid-500").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let with_cause: Vec<_> = lines
+            .iter()
+            .filter(|l| l.contains("the disk is on fire"))
+            .collect();
+        assert_eq!(with_cause.len(), 1, "{lines:#?}");
+        assert!(with_cause[0].contains("rid-500"), "{lines:#?}");
+        assert!(with_cause[0].contains("ERROR"), "{lines:#?}");
+        let errors = lines.iter().filter(|l| l.contains("ERROR")).count();
+        assert_eq!(errors, 1, "{lines:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_503_from_storage_is_logged_once_with_its_cause_and_request_id() {
+        let (status, lines) = logged("/unavailable", "rid-503").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let with_cause: Vec<_> = lines.iter().filter(|l| l.contains("EIO on wal")).collect();
+        assert_eq!(with_cause.len(), 1, "{lines:#?}");
+        assert!(with_cause[0].contains("rid-503"), "{lines:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_logged_once_with_the_request_id() {
+        let (status, lines) = logged("/panic", "rid-panic").await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let errors: Vec<_> = lines.iter().filter(|l| l.contains("ERROR")).collect();
+        assert_eq!(errors.len(), 1, "{lines:#?}");
+        assert!(errors[0].contains("rid-panic"), "{lines:#?}");
+        assert!(errors[0].contains("handler panicked"), "{lines:#?}");
+    }
+
+    #[tokio::test]
+    async fn a_client_error_is_not_logged_as_an_error() {
+        let (status, lines) = logged("/missing", "rid-404").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(!lines.iter().any(|l| l.contains("ERROR")), "{lines:#?}");
+    }
 }

@@ -1,12 +1,13 @@
-//! The OpenAPI 3.1 document of the HTTP API, generated from the `#[utoipa::path]`
-//! annotations that sit on each handler, served at `GET /api/v1/openapi.json`.
+//! The OpenAPI 3.1 document of the HTTP API, served at `GET /api/v1/openapi.json`.
 //!
-//! This module only assembles: it lists the documented handlers, adds the security
-//! schemes, and fills every error response with the problem+json body. It also holds the
-//! schemas of responses that handlers build with `json!` (they have no Rust type of their
-//! own), and documented-only stubs for routes that are not merged yet. It must not contain
-//! behaviour: `tests/it/openapi.rs` checks that every documented route is served and every
-//! served API route is documented.
+//! The paths come from the router: each module routes its handlers with utoipa-axum's
+//! `routes!`, which takes the path and method from the handler's `#[utoipa::path]`, so a
+//! handler is routed and documented by the same line ([`crate::http::api_routes`]). This
+//! module adds what is not a path: info, the security schemes, the problem+json body of
+//! every error response, and the schemas of responses that handlers build with `json!`
+//! (they have no Rust type of their own). It must not contain behaviour or list routes;
+//! `tests/it/openapi.rs` calls every documented operation to check it is served as
+//! documented.
 
 use serde::Serialize;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -19,8 +20,19 @@ use crate::config::PlanLimits;
 use crate::error::Problem;
 use crate::jobs::queue::JobView;
 
-/// The generated document.
+/// The served document: [`base_doc`] with the paths (and the schemas they use) of every
+/// route the router serves with `routes!`, plus `/metrics` of the metrics listener, and
+/// problem bodies on every error response.
 pub fn api_doc() -> Document {
+    let mut doc = crate::http::api_routes().into_openapi();
+    doc.merge(crate::ops::metrics_routes().into_openapi());
+    ProblemBodies.modify(&mut doc);
+    doc
+}
+
+/// What the document has apart from the paths: info, servers, security schemes, the
+/// shared schemas, tags. [`crate::http::api_routes`] builds on it.
+pub fn base_doc() -> Document {
     ApiDoc::openapi()
 }
 
@@ -33,57 +45,8 @@ pub fn api_doc() -> Document {
             carries `x-request-id`. Lists take `?limit=` (max 100) and `?cursor=`."
     ),
     servers((url = "/")),
-    paths(
-        crate::ops::healthz,
-        crate::ops::readyz,
-        crate::ops::metrics_text,
-        crate::ops::openapi_json,
-        crate::auth::routes::register,
-        crate::auth::routes::login,
-        crate::auth::routes::refresh,
-        crate::auth::routes::logout,
-        crate::auth::routes::logout_all,
-        crate::auth::routes::change_password,
-        crate::auth::routes::reset_request,
-        crate::auth::routes::reset,
-        crate::auth::routes::verify_request,
-        crate::auth::routes::verify,
-        crate::auth::routes::sessions,
-        crate::auth::routes::revoke_session,
-        crate::auth::routes::me,
-        crate::auth::routes::admin_users,
-        crate::auth::routes::admin_claim,
-        // OAuth (src/auth/oauth_flow.rs, another branch): when it merges, move each
-        // attribute onto its handler and point these entries at the handlers.
-        oauth_routes::providers,
-        oauth_routes::authorize,
-        oauth_routes::link,
-        oauth_routes::callback,
-        oauth_routes::exchange,
-        oauth_routes::unlink,
-        crate::billing::routes::plans,
-        crate::billing::routes::checkout,
-        crate::billing::routes::portal,
-        crate::billing::routes::subscription,
-        crate::billing::routes::webhook,
-        crate::billing::routes::events,
-        crate::billing::routes::replay,
-        crate::jobs::routes::submit,
-        crate::jobs::routes::list,
-        crate::jobs::routes::get_job,
-        crate::jobs::routes::attempts,
-        crate::jobs::routes::cancel,
-        crate::jobs::routes::retry,
-        crate::jobs::routes::job_events,
-        crate::jobs::routes::user_events,
-        crate::jobs::routes::ticket,
-        crate::jobs::routes::upload,
-        crate::jobs::routes::delete_upload,
-        crate::jobs::routes::dead_letters,
-        crate::jobs::routes::discard,
-    ),
     components(schemas(Problem, SignedIn, UserView, Entitlement, JobView, Plan)),
-    modifiers(&SecuritySchemes, &ProblemBodies),
+    modifiers(&SecuritySchemes),
     tags(
         (name = "accounts", description = "Registration, sign-in, tokens, sessions, OAuth"),
         (name = "billing", description = "Plans, Stripe checkout and portal, entitlements, webhooks"),
@@ -317,86 +280,28 @@ pub struct UploadForm {
     pub file: Vec<u8>,
 }
 
-/// The OAuth routes (handlers `oauth_*` in src/auth/routes.rs, logic in
-/// src/auth/oauth_flow.rs), documented here because their 302 answers and query
-/// parameters are easier to describe apart from the thin handlers. tests/it/openapi.rs checks
-/// that these paths are served and that their security matches.
-pub mod oauth_routes {
-    #![allow(dead_code)]
+#[derive(Serialize, ToSchema)]
+pub struct Provider {
+    #[schema(example = "github")]
+    pub id: String,
+    #[schema(example = "GitHub")]
+    pub name: String,
+}
 
-    use super::*;
+#[derive(Serialize, ToSchema)]
+pub struct ProviderList {
+    pub items: Vec<Provider>,
+}
 
-    #[derive(Serialize, ToSchema)]
-    pub struct Provider {
-        #[schema(example = "github")]
-        pub id: String,
-        #[schema(example = "GitHub")]
-        pub name: String,
-    }
+#[derive(Serialize, ToSchema)]
+pub struct AuthorizeUrl {
+    pub authorize_url: String,
+}
 
-    #[derive(Serialize, ToSchema)]
-    pub struct ProviderList {
-        pub items: Vec<Provider>,
-    }
-
-    #[derive(Serialize, ToSchema)]
-    pub struct AuthorizeUrl {
-        pub authorize_url: String,
-    }
-
-    #[derive(serde::Deserialize, ToSchema)]
-    #[serde(deny_unknown_fields)]
-    pub struct ExchangeBody {
-        /// The one-time code from the callback redirect (60 s, single use).
-        pub code: String,
-    }
-
-    #[utoipa::path(get, path = "/api/v1/auth/providers", tag = "accounts",
-        responses((status = 200, description = "The enabled OAuth providers", body = ProviderList)))]
-    pub fn providers() {}
-
-    #[utoipa::path(get, path = "/api/v1/auth/oauth/{provider}/authorize", tag = "accounts",
-        params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
-        responses((status = 302, description = "To the provider, with `state`, `code_challenge` (S256) and `nonce` (OIDC); \
-                sets the HttpOnly browser-binding cookie the callback and exchange require",
-                headers(("location" = String), ("set-cookie" = String))),
-            (status = 404, description = "`not_found`: the provider is not enabled")))]
-    pub fn authorize() {}
-
-    #[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/link", tag = "accounts",
-        security(("bearer" = [])),
-        params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
-        responses((status = 200, description = "Where to send the browser to link this provider to the account; \
-                sets the browser-binding cookie, so only this browser can complete the link", body = AuthorizeUrl,
-                headers(("set-cookie" = String))),
-            (status = 401, description = "`unauthorized`"),
-            (status = 404, description = "`not_found`: the provider is not enabled")))]
-    pub fn link() {}
-
-    #[utoipa::path(get, path = "/api/v1/auth/oauth/{provider}/callback", tag = "accounts",
-        params(("provider" = String, Path, description = "`github`, `google` or `oidc`"),
-            ("code" = Option<String>, Query, description = "From the provider"),
-            ("state" = Option<String>, Query, description = "From the provider")),
-        responses((status = 302, description = "To `{public_url}/#/auth/complete?code=<one-time exchange code>`, \
-                or on failure to `/#/auth/error?code=<invalid_state|account_exists|provider error>`",
-            headers(("location" = String)))))]
-    pub fn callback() {}
-
-    #[utoipa::path(post, path = "/api/v1/auth/oauth/exchange", tag = "accounts",
-        request_body = ExchangeBody,
-        responses((status = 200, description = "Signed in", body = SignedIn),
-            (status = 400, description = "`invalid_grant`: used or expired code; malformed JSON. \
-                `invalid_state`: the browser-binding cookie set at authorize is missing or belongs to another browser"),
-            (status = 415, description = "Not JSON"),
-            (status = 422, description = "`invalid_input`")))]
-    pub fn exchange() {}
-
-    #[utoipa::path(delete, path = "/api/v1/auth/identities/{provider}", tag = "accounts",
-        security(("bearer" = [])),
-        params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
-        responses((status = 204, description = "The identity is unlinked"),
-            (status = 401, description = "`unauthorized`"),
-            (status = 404, description = "`not_found`: no such linked identity"),
-            (status = 409, description = "`last_login_method`: it would leave no way to sign in")))]
-    pub fn unlink() {}
+// The body of `POST /api/v1/auth/oauth/exchange` (the handler reads its own copy).
+#[derive(serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeBody {
+    /// The one-time code from the callback redirect (60 s, single use).
+    pub code: String,
 }

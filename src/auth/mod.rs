@@ -26,7 +26,6 @@ use serde::Serialize;
 use crate::cache::Loaded;
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::storage::users::{self, NewSession, UserAuthState};
 use crate::storage::{Storage, StorageError};
 pub use extract::{AdminUser, AuthUser};
@@ -62,8 +61,9 @@ pub enum AuthError {
     Forbidden,
     #[error("not found")]
     NotFound,
+    /// Unlinking would leave the account no way to sign in.
     #[error("{0}")]
-    Conflict(&'static str, String),
+    LastLoginMethod(String),
     /// An OAuth provider could not be reached or answered nonsense (no secrets inside).
     #[error("{0}")]
     OAuthProvider(String),
@@ -71,48 +71,6 @@ pub enum AuthError {
     Password(#[from] password::PasswordError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> ApiError {
-        use axum::http::StatusCode as S;
-        match e {
-            AuthError::Unauthorized => ApiError::unauthorized("a valid bearer token is required"),
-            AuthError::TokenExpired => {
-                ApiError::new(S::UNAUTHORIZED, "token_expired", e.to_string())
-            }
-            AuthError::SessionRevoked => {
-                ApiError::new(S::UNAUTHORIZED, "session_revoked", e.to_string())
-            }
-            AuthError::InvalidCredentials => {
-                ApiError::new(S::UNAUTHORIZED, "invalid_credentials", e.to_string())
-            }
-            AuthError::RefreshReused => {
-                ApiError::new(S::UNAUTHORIZED, "refresh_reused", e.to_string())
-            }
-            AuthError::InvalidGrant => {
-                ApiError::new(S::BAD_REQUEST, "invalid_grant", e.to_string())
-            }
-            AuthError::EmailTaken => ApiError::conflict("email_taken", e.to_string()),
-            AuthError::InvalidState => {
-                ApiError::new(S::BAD_REQUEST, "invalid_state", e.to_string())
-            }
-            AuthError::StepUpRequired => {
-                ApiError::new(S::UNAUTHORIZED, "step_up_required", e.to_string())
-            }
-            AuthError::RateLimited(after) => ApiError::rate_limited(after),
-            AuthError::Invalid(m) => ApiError::invalid_input(m),
-            AuthError::Forbidden => ApiError::forbidden(e.to_string()),
-            AuthError::NotFound => ApiError::not_found("no such resource"),
-            AuthError::Conflict(code, m) => ApiError::conflict(code, m),
-            AuthError::OAuthProvider(m) => ApiError::new(S::BAD_GATEWAY, "provider_error", m),
-            AuthError::Password(password::PasswordError::Overloaded) => {
-                ApiError::unavailable("sign-in is busy; try again in a moment")
-            }
-            AuthError::Password(p) => ApiError::internal(p),
-            AuthError::Storage(s) => s.into(),
-        }
-    }
 }
 
 /// Background writes (reset requests) pending at once; beyond it requests are dropped.

@@ -622,13 +622,10 @@ pub async fn unlink(
                 return Err(AuthError::NotFound);
             }
             if user.password_hash.is_none() && identities.len() == 1 {
-                return Err(AuthError::Conflict(
-                    "last_login_method",
-                    format!(
-                        "{provider} is the only way to sign in to this account; set a password \
+                return Err(AuthError::LastLoginMethod(format!(
+                    "{provider} is the only way to sign in to this account; set a password \
                          or link another provider first"
-                    ),
-                ));
+                )));
             }
             sa::delete_identity(c, &uid, &provider)?;
             let revoked =

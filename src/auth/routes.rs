@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::extract::ClientInfo;
 use super::oauth_flow::{self, BrowserBinding, CallbackParams};
@@ -22,38 +22,30 @@ use crate::storage::StorageError;
 use crate::storage::auth as sa;
 use crate::storage::users::{self, UserRow};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/me", get(me))
-        .route("/api/v1/auth/register", post(register))
-        .route("/api/v1/auth/login", post(login))
-        .route("/api/v1/auth/refresh", post(refresh))
-        .route("/api/v1/auth/logout", post(logout))
-        .route("/api/v1/auth/logout-all", post(logout_all))
-        .route("/api/v1/auth/password", post(change_password))
-        .route("/api/v1/auth/password-reset/request", post(reset_request))
-        .route("/api/v1/auth/password-reset", post(reset))
-        .route("/api/v1/auth/verify-email/request", post(verify_request))
-        .route("/api/v1/auth/verify-email", post(verify))
-        .route("/api/v1/auth/sessions", get(sessions))
-        .route("/api/v1/auth/sessions/{id}", delete(revoke_session))
-        .route("/api/v1/auth/providers", get(oauth_providers))
-        .route(
-            "/api/v1/auth/oauth/{provider}/authorize",
-            get(oauth_authorize),
-        )
-        .route("/api/v1/auth/oauth/{provider}/link", post(oauth_link))
-        .route(
-            "/api/v1/auth/oauth/{provider}/callback",
-            get(oauth_callback),
-        )
-        .route("/api/v1/auth/oauth/exchange", post(oauth_exchange))
-        .route(
-            "/api/v1/auth/identities/{provider}",
-            delete(unlink_identity),
-        )
-        .route("/api/v1/admin/users", get(admin_users))
-        .route("/api/v1/admin/claim", post(admin_claim))
+/// The accounts routes; each handler's `#[utoipa::path]` is its entry in the API document.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(me))
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
+        .routes(routes!(logout_all))
+        .routes(routes!(change_password))
+        .routes(routes!(reset_request))
+        .routes(routes!(reset))
+        .routes(routes!(verify_request))
+        .routes(routes!(verify))
+        .routes(routes!(sessions))
+        .routes(routes!(revoke_session))
+        .routes(routes!(oauth_providers))
+        .routes(routes!(oauth_authorize))
+        .routes(routes!(oauth_link))
+        .routes(routes!(oauth_callback))
+        .routes(routes!(oauth_exchange))
+        .routes(routes!(unlink_identity))
+        .routes(routes!(admin_users))
+        .routes(routes!(admin_claim))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -534,6 +526,8 @@ async fn admin_claim(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/api/v1/auth/providers", tag = "accounts", operation_id = "providers",
+    responses((status = 200, description = "The enabled OAuth providers", body = crate::openapi::ProviderList)))]
 async fn oauth_providers(State(state): State<AppState>) -> Json<Value> {
     let items: Vec<Value> = oauth_flow::providers(&state)
         .into_iter()
@@ -573,6 +567,12 @@ fn bind_browser(state: &AppState, headers: &HeaderMap) -> ApiResult<(BrowserBind
     Ok((binding, cookie))
 }
 
+#[utoipa::path(get, path = "/api/v1/auth/oauth/{provider}/authorize", tag = "accounts", operation_id = "authorize",
+    params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
+    responses((status = 302, description = "To the provider, with `state`, `code_challenge` (S256) and `nonce` (OIDC); \
+            sets the HttpOnly browser-binding cookie the callback and exchange require",
+            headers(("location" = String), ("set-cookie" = String))),
+        (status = 404, description = "`not_found`: the provider is not enabled")))]
 async fn oauth_authorize(
     State(state): State<AppState>,
     Path(provider): Path<String>,
@@ -585,8 +585,16 @@ async fn oauth_authorize(
     Ok(resp)
 }
 
-/// The cookie set here binds the link flow to the browser of the signed-in user who
-/// started it: an authorize URL opened anywhere else links nothing.
+#[utoipa::path(post, path = "/api/v1/auth/oauth/{provider}/link", tag = "accounts", operation_id = "link",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
+    responses((status = 200, description = "Where to send the browser to link this provider to the account; \
+            sets the browser-binding cookie, so only this browser can complete the link", body = crate::openapi::AuthorizeUrl,
+            headers(("set-cookie" = String))),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: the provider is not enabled")))]
+// The cookie set here binds the link flow to the browser of the signed-in user who
+// started it: an authorize URL opened anywhere else links nothing.
 async fn oauth_link(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,
@@ -611,8 +619,15 @@ struct CallbackQuery {
     error: Option<String>,
 }
 
-/// Always answers with a redirect into the UI (a browser navigation, not an API call),
-/// except for a provider that is not enabled at all (404 problem).
+#[utoipa::path(get, path = "/api/v1/auth/oauth/{provider}/callback", tag = "accounts", operation_id = "callback",
+    params(("provider" = String, Path, description = "`github`, `google` or `oidc`"),
+        ("code" = Option<String>, Query, description = "From the provider"),
+        ("state" = Option<String>, Query, description = "From the provider")),
+    responses((status = 302, description = "To `{public_url}/#/auth/complete?code=<one-time exchange code>`, \
+            or on failure to `/#/auth/error?code=<invalid_state|account_exists|provider error>`",
+        headers(("location" = String)))))]
+// Always answers with a redirect into the UI (a browser navigation, not an API call),
+// except for a provider that is not enabled at all (404 problem).
 async fn oauth_callback(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -648,6 +663,13 @@ struct ExchangeBody {
     code: String,
 }
 
+#[utoipa::path(post, path = "/api/v1/auth/oauth/exchange", tag = "accounts", operation_id = "exchange",
+    request_body = crate::openapi::ExchangeBody,
+    responses((status = 200, description = "Signed in", body = SignedIn),
+        (status = 400, description = "`invalid_grant`: used or expired code; malformed JSON. \
+            `invalid_state`: the browser-binding cookie set at authorize is missing or belongs to another browser"),
+        (status = 415, description = "Not JSON"),
+        (status = 422, description = "`invalid_input`")))]
 async fn oauth_exchange(
     State(state): State<AppState>,
     ClientInfo(client): ClientInfo,
@@ -659,6 +681,13 @@ async fn oauth_exchange(
     signed_in(&state, tokens, user).await
 }
 
+#[utoipa::path(delete, path = "/api/v1/auth/identities/{provider}", tag = "accounts", operation_id = "unlink",
+    security(("bearer" = [])),
+    params(("provider" = String, Path, description = "`github`, `google` or `oidc`")),
+    responses((status = 204, description = "The identity is unlinked"),
+        (status = 401, description = "`unauthorized`"),
+        (status = 404, description = "`not_found`: no such linked identity"),
+        (status = 409, description = "`last_login_method`: it would leave no way to sign in")))]
 async fn unlink_identity(
     State(state): State<AppState>,
     AuthUser(p): AuthUser,

@@ -151,7 +151,7 @@ async fn checkout_action(
             let success = s.success_url.clone();
             run_scenario(&state, &user, Scenario::CheckoutPaid { session: s })
                 .await
-                .map_err(|e| ApiError::conflict("conflict", e))?;
+                .map_err(ApiError::conflict)?;
             Ok(Redirect::to(&success).into_response())
         }
         "decline" => Ok(page(
@@ -247,7 +247,7 @@ async fn portal_action(
     };
     run_scenario(&state, &user, scenario)
         .await
-        .map_err(|e| ApiError::conflict("conflict", e))?;
+        .map_err(ApiError::conflict)?;
     Ok((
         StatusCode::SEE_OTHER,
         [(header::LOCATION, format!("/fake-stripe/portal/{id}"))],

@@ -27,7 +27,6 @@ use serde::Serialize;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, PlanConfig, PlanLimits};
-use crate::error::ApiError;
 use crate::storage::billing as sb;
 use crate::storage::{Conn, Storage, StorageError};
 use engine::{BillingState, SubStatus};
@@ -56,31 +55,6 @@ pub enum BillingError {
     Stripe(#[from] StripeError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-impl From<BillingError> for ApiError {
-    fn from(e: BillingError) -> ApiError {
-        use axum::http::StatusCode as S;
-        match e {
-            BillingError::InvalidSignature(_) => {
-                ApiError::new(S::BAD_REQUEST, "invalid_signature", e.to_string())
-            }
-            BillingError::Invalid(m) => ApiError::invalid_input(m),
-            BillingError::NotAnEvent(m) => ApiError::bad_request(m),
-            BillingError::AlreadySubscribed => {
-                ApiError::conflict("already_subscribed", e.to_string())
-            }
-            BillingError::Conflict(m) => ApiError::conflict("conflict", m),
-            BillingError::NotFound(what) => ApiError::not_found(format!("no such {what}")),
-            BillingError::ApplyFailed(m) => ApiError::internal(m),
-            BillingError::Stripe(s) if s.is_retryable() => {
-                tracing::warn!(error = %s, "Stripe unavailable");
-                ApiError::unavailable("the payment provider is not reachable right now")
-            }
-            BillingError::Stripe(s) => ApiError::internal(s),
-            BillingError::Storage(s) => s.into(),
-        }
-    }
 }
 
 /// Jobs used toward the plan's quota this period.

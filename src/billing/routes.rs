@@ -1,12 +1,12 @@
 //! HTTP routes of billing (see docs/API.md "Billing").
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::stripe::CheckoutRequest;
 use super::{BillingError, Usage};
@@ -18,16 +18,17 @@ use crate::storage::billing as sb;
 use crate::storage::jobs as q;
 use crate::storage::users;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/billing/plans", get(plans))
-        .route("/api/v1/billing/checkout", post(checkout))
-        .route("/api/v1/billing/portal", post(portal))
-        .route("/api/v1/billing/subscription", get(subscription))
-        .route("/api/v1/billing/webhook", post(webhook))
-        .route("/api/v1/admin/billing/events", get(events))
-        .route("/api/v1/admin/billing/events/{id}/replay", post(replay))
-        .merge(super::fake_pages::router())
+/// The billing routes; the fake Stripe pages are served but not part of the API document.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(plans))
+        .routes(routes!(checkout))
+        .routes(routes!(portal))
+        .routes(routes!(subscription))
+        .routes(routes!(webhook))
+        .routes(routes!(events))
+        .routes(routes!(replay))
+        .merge(super::fake_pages::router().into())
 }
 
 #[utoipa::path(get, path = "/api/v1/billing/plans", tag = "billing",

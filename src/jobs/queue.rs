@@ -8,7 +8,6 @@ use sha2::{Digest, Sha256};
 use super::worker::publish_outcome;
 use crate::auth::Principal;
 use crate::config::SYSTEM_QUEUE;
-use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, JobRow, NewJob};
@@ -33,28 +32,6 @@ pub enum JobError {
     },
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-impl From<JobError> for ApiError {
-    fn from(e: JobError) -> ApiError {
-        use axum::http::StatusCode as S;
-        match e {
-            JobError::Invalid(m) => ApiError::invalid_input(m),
-            JobError::NotFound => ApiError::not_found("no such job"),
-            JobError::IdempotencyConflict => ApiError::conflict("conflict", e.to_string()),
-            JobError::Conflict(m) => ApiError::conflict("conflict", m),
-            JobError::ReservedQueue(_) => {
-                ApiError::new(S::UNPROCESSABLE_ENTITY, "reserved_queue", e.to_string())
-            }
-            JobError::PlanLimit { what, limit, used } => ApiError::new(
-                S::PAYMENT_REQUIRED,
-                "plan_limit",
-                format!("your plan allows {limit} {what}; upgrade to run more"),
-            )
-            .with_extra(serde_json::json!({ "limit": what, "max": limit, "used": used })),
-            JobError::Storage(s) => s.into(),
-        }
-    }
 }
 
 /// The body of `POST /api/v1/jobs`.

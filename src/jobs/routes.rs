@@ -1,17 +1,17 @@
 //! HTTP routes of jobs: submit, list, read, cancel, retry, SSE, tickets, uploads, and the
 //! admin dead-letter queue.
 
-use axum::Router;
 use axum::extract::{
     DefaultBodyLimit, FromRequest, FromRequestParts, Multipart, Path, Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 
 use super::queue::{self, JobError, JobView, SubmitRequest, Submitted};
 use super::{sse, uploads};
@@ -22,23 +22,21 @@ use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
 use crate::storage::jobs::{self as q, STATUSES};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/v1/jobs", post(submit).get(list))
-        .route("/api/v1/jobs/{id}", get(get_job))
-        .route("/api/v1/jobs/{id}/attempts", get(attempts))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel))
-        .route("/api/v1/jobs/{id}/retry", post(retry))
-        .route("/api/v1/jobs/{id}/events", get(job_events))
-        .route("/api/v1/events", get(user_events))
-        .route("/api/v1/events/ticket", post(ticket))
-        .route("/api/v1/admin/jobs/dead", get(dead_letters))
-        .route("/api/v1/admin/jobs/{id}", delete(discard))
-        .route(
-            "/api/v1/uploads",
-            post(upload).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/api/v1/uploads/{id}", delete(delete_upload))
+/// The jobs routes; each handler's `#[utoipa::path]` is its entry in the API document.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit, list))
+        .routes(routes!(get_job))
+        .routes(routes!(attempts))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+        .routes(routes!(job_events))
+        .routes(routes!(user_events))
+        .routes(routes!(ticket))
+        .routes(routes!(dead_letters))
+        .routes(routes!(discard))
+        .routes(routes!(upload).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(delete_upload))
 }
 
 #[utoipa::path(post, path = "/api/v1/jobs", tag = "jobs", security(("bearer" = [])),

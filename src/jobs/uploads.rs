@@ -16,7 +16,6 @@ use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::error::ApiError;
 use crate::state::AppState;
 use crate::storage::StorageError;
 use crate::storage::uploads::{self as q, UploadRow};
@@ -51,33 +50,6 @@ pub enum UploadError {
     InUse,
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-impl From<UploadError> for ApiError {
-    fn from(e: UploadError) -> ApiError {
-        use axum::http::StatusCode as S;
-        match e {
-            UploadError::TooLarge(_) => {
-                ApiError::new(S::PAYLOAD_TOO_LARGE, "payload_too_large", e.to_string())
-            }
-            UploadError::Quota { max, used } => {
-                ApiError::new(S::PAYMENT_REQUIRED, "storage_quota_exceeded", e.to_string())
-                    .with_extra(serde_json::json!({ "max": max, "used": used }))
-            }
-            UploadError::RateLimited(after) => ApiError::rate_limited(after),
-            UploadError::LowSpace => ApiError::unavailable(e.to_string()),
-            UploadError::Disk(io) => {
-                // The detail of a disk failure is for the log, not the client.
-                tracing::error!(error = %io, "storing an upload failed");
-                ApiError::unavailable("the upload could not be stored; try again later")
-            }
-            UploadError::Interrupted(_) => ApiError::bad_request(e.to_string()),
-            UploadError::Empty => ApiError::invalid_input(e.to_string()),
-            UploadError::NotFound => ApiError::not_found(e.to_string()),
-            UploadError::InUse => ApiError::conflict("upload_in_use", e.to_string()),
-            UploadError::Storage(s) => s.into(),
-        }
-    }
 }
 
 pub fn uploads_dir(state: &AppState) -> PathBuf {

@@ -13,6 +13,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -66,11 +68,13 @@ impl Metrics {
     }
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/api/v1/openapi.json", get(openapi_json))
+/// The ops routes of the main listener. `/metrics` is only a pointer here; its documented
+/// handler is served by [`metrics_router`].
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(openapi_json))
         // Not the web UI's fallback page: a scraper pointed at the wrong port should see
         // a clear 404, and the main listener (often public) must not reveal the metrics.
         .route(
@@ -84,11 +88,14 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+/// The routes of `metrics_listen`; part of the API document.
+pub fn metrics_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(metrics_text))
+}
+
 /// A router with only `/metrics`, for `metrics_listen`.
 pub fn metrics_router(state: AppState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_text))
-        .with_state(state)
+    metrics_routes().split_for_parts().0.with_state(state)
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "ops",

@@ -17,6 +17,7 @@ mod jobs;
 mod oauth;
 mod openapi;
 mod ops;
+mod problem_codes;
 mod sec_a;
 mod sec_b;
 mod sec_c;
