@@ -425,33 +425,23 @@ impl Record {
     fn new(state: &AppState, e: &mut Ended, now: i64) -> Record {
         let cfg = &state.config.jobs;
         let row = &e.row;
-        let (status, result, error, retry_at, outcome) = match &e.outcome {
-            Ok(v) => ("succeeded", Some(v.to_string()), None, now, "succeeded"),
-            Err(JobFailure::Canceled) => (
-                "canceled",
-                None,
-                Some("canceled".to_string()),
-                now,
-                "canceled",
-            ),
-            Err(f) => {
-                let timeout = matches!(f, JobFailure::Timeout);
-                if f.is_retryable() && row.attempt < row.max_attempts {
-                    let delay = super::backoff::retry_delay(
-                        row.attempt,
-                        cfg.backoff_base,
-                        cfg.backoff_cap,
-                        &mut rand::thread_rng(),
-                    );
-                    let at = now + delay.as_millis() as i64;
-                    let label = if timeout { "timeout" } else { "retry" };
-                    ("retrying", None, Some(f.to_string()), at, label)
-                } else {
-                    let label = if timeout { "timeout" } else { "dead" };
-                    ("dead", None, Some(f.to_string()), now, label)
-                }
-            }
+        let decision = super::outcome::decide(
+            e.outcome.as_ref().err(),
+            row.attempt,
+            row.max_attempts,
+            now,
+            super::outcome::Backoff {
+                base: cfg.backoff_base,
+                cap: cfg.backoff_cap,
+            },
+            &mut rand::thread_rng(),
+        );
+        let (result, error) = match &e.outcome {
+            Ok(v) => (Some(v.to_string()), None),
+            Err(f) => (None, Some(f.to_string())),
         };
+        let (status, retry_at, outcome) =
+            (decision.status(), decision.run_at(now), decision.label());
         Record {
             id: row.id.clone(),
             attempt: row.attempt,
