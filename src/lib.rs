@@ -199,6 +199,7 @@ impl App {
         jobs::worker::start(&state);
         jobs::guard::start(&state);
         ops::backup::start(&state);
+        ops::periodic::start(&state);
         auth::epoch::start(&state);
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();

@@ -16,6 +16,7 @@ pub mod frame;
 pub mod guard;
 pub mod hub;
 pub mod kinds;
+pub mod outcome;
 pub mod queue;
 pub mod routes;
 pub mod sse;

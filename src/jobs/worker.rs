@@ -1,5 +1,5 @@
 //! The workers: one dispatcher per queue, the attempt runner, the lease heartbeat, the
-//! rescuer, and the periodic housekeeping. Everything here is owned by the App's task
+//! rescuer and gauges (the app-wide periodic tasks are in `ops::periodic`). Everything here is owned by the App's task
 //! tracker and stops on the shutdown token.
 
 use std::collections::HashMap;
@@ -425,33 +425,23 @@ impl Record {
     fn new(state: &AppState, e: &mut Ended, now: i64) -> Record {
         let cfg = &state.config.jobs;
         let row = &e.row;
-        let (status, result, error, retry_at, outcome) = match &e.outcome {
-            Ok(v) => ("succeeded", Some(v.to_string()), None, now, "succeeded"),
-            Err(JobFailure::Canceled) => (
-                "canceled",
-                None,
-                Some("canceled".to_string()),
-                now,
-                "canceled",
-            ),
-            Err(f) => {
-                let timeout = matches!(f, JobFailure::Timeout);
-                if f.is_retryable() && row.attempt < row.max_attempts {
-                    let delay = super::backoff::retry_delay(
-                        row.attempt,
-                        cfg.backoff_base,
-                        cfg.backoff_cap,
-                        &mut rand::thread_rng(),
-                    );
-                    let at = now + delay.as_millis() as i64;
-                    let label = if timeout { "timeout" } else { "retry" };
-                    ("retrying", None, Some(f.to_string()), at, label)
-                } else {
-                    let label = if timeout { "timeout" } else { "dead" };
-                    ("dead", None, Some(f.to_string()), now, label)
-                }
-            }
+        let decision = super::outcome::decide(
+            e.outcome.as_ref().err(),
+            row.attempt,
+            row.max_attempts,
+            now,
+            super::outcome::Backoff {
+                base: cfg.backoff_base,
+                cap: cfg.backoff_cap,
+            },
+            &mut rand::thread_rng(),
+        );
+        let (result, error) = match &e.outcome {
+            Ok(v) => (Some(v.to_string()), None),
+            Err(f) => (None, Some(f.to_string())),
         };
+        let (status, retry_at, outcome) =
+            (decision.status(), decision.run_at(now), decision.label());
         Record {
             id: row.id.clone(),
             attempt: row.attempt,
@@ -746,7 +736,8 @@ async fn heartbeat(state: AppState) {
     }
 }
 
-/// The rescuer, hub sweeping, gauges and retention, on timers.
+/// The rescuer, hub sweeping and gauges, on timers. (The app-wide periodic tasks are
+/// `ops::periodic`'s.)
 async fn housekeeping(state: AppState) {
     let lease = state.config.jobs.lease;
     let mut tick = tokio::time::interval((lease / 2).max(Duration::from_millis(200)));
@@ -763,9 +754,6 @@ async fn housekeeping(state: AppState) {
         state.jobs.hub().sweep();
         if rounds % 10 == 1 {
             gauges.update(&state).await;
-        }
-        if rounds % 4 == 1 {
-            run_periodic(&state).await;
         }
     }
 }
@@ -861,87 +849,6 @@ fn gauge_values(
             })
         })
         .collect()
-}
-
-const HOUR: Duration = Duration::from_secs(3600);
-
-/// Internal tasks on a schedule that survives restarts: each records when it last ran in
-/// the `meta` table before running, so a restart neither repeats nor skips a period.
-async fn run_periodic(state: &AppState) {
-    if due(state, "jobs.purge", HOUR).await {
-        purge(state).await;
-    }
-    if due(state, "uploads.purge", HOUR).await {
-        super::uploads::purge(state).await;
-    }
-    if due(state, "auth.purge_expired", HOUR).await {
-        let now = state.now_millis();
-        if let Err(e) = state
-            .storage
-            .write(move |c| crate::storage::auth::purge_expired(c, now))
-            .await
-        {
-            tracing::warn!(error = %e, "purging expired tokens failed");
-        }
-    }
-    if due(state, "retention", HOUR).await {
-        crate::ops::retention::run(state).await;
-    }
-    if due(state, "billing.reconcile", 24 * HOUR).await {
-        match state.billing.sync_all().await {
-            Ok(r) => tracing::info!(
-                customers = r.customers,
-                repaired = r.applied,
-                failed = r.errors,
-                "daily billing reconciliation"
-            ),
-            Err(e) => tracing::warn!(error = %e, "daily billing reconciliation failed"),
-        }
-    }
-}
-
-/// True (and the run recorded) if the task `name` last ran `every` or longer ago.
-async fn due(state: &AppState, name: &'static str, every: Duration) -> bool {
-    let now = state.now_millis();
-    let key = format!("periodic.{name}");
-    let every_ms = every.as_millis() as i64;
-    let claimed = state
-        .storage
-        .write(move |c| {
-            let last = q::meta_get(c, &key)?
-                .and_then(|v| v.parse::<i64>().ok())
-                .unwrap_or(i64::MIN);
-            if last != i64::MIN && now - last < every_ms {
-                return Ok::<_, StorageError>(false);
-            }
-            q::meta_set(c, &key, &now.to_string(), now)?;
-            Ok(true)
-        })
-        .await;
-    claimed.unwrap_or(false)
-}
-
-/// Deletes finished jobs past the retention, in small batches so the writer stays fair.
-async fn purge(state: &AppState) {
-    let retention = state.config.jobs.retention;
-    if retention.is_zero() {
-        return;
-    }
-    let before = state.now_millis() - retention.as_millis() as i64;
-    for _ in 0..100 {
-        match state
-            .storage
-            .write(move |c| q::purge_finished(c, before, 500))
-            .await
-        {
-            Ok(500) => continue,
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "purging old jobs failed");
-                return;
-            }
-        }
-    }
 }
 
 /// On graceful shutdown after the grace period: give back the jobs still running here so

@@ -2,6 +2,7 @@
 //! scheduled backups.
 
 pub mod backup;
+pub mod periodic;
 pub mod retention;
 
 use std::sync::OnceLock;
