@@ -112,12 +112,22 @@ impl App {
             config.public_base(),
         )
         .context("invalid [auth.oauth] configuration")?;
+        let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
+        kinds.extend(opts.extra_kinds);
+        let jobs = jobs::Jobs::new(&config, kinds);
+        let tasks = tokio_util::task::TaskTracker::new();
+        let wake_mail = {
+            let jobs = jobs.clone();
+            auth::mail::WakeMail::new(move || jobs.notify(auth::mail::QUEUE))
+        };
         let auth = auth::Auth::new(
             &config,
             storage.clone(),
             clock.clone(),
             jwt_secret.as_bytes(),
             oauth,
+            tasks.clone(),
+            wake_mail,
         );
         let webhook_secrets = billing::webhook_secrets(&config)
             .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
@@ -129,10 +139,16 @@ impl App {
             opts.billing_fault,
         )
         .context("cannot set up the Stripe client")?;
-        let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
-        kinds.extend(opts.extra_kinds);
-        let jobs = jobs::Jobs::new(&config, kinds);
-        let state = AppState::new(config.clone(), storage, clock, auth, billing, jobs, metrics);
+        let state = AppState::new(
+            config.clone(),
+            storage,
+            clock,
+            auth,
+            billing,
+            jobs,
+            metrics,
+            tasks,
+        );
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -231,7 +247,7 @@ impl App {
         );
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         // After the "listening" line, which tests and scripts wait for.
-        match auth::service::prepare_admin_setup(&state).await {
+        match state.auth.prepare_admin_setup().await {
             Ok(Some(token)) => tracing::warn!(
                 setup_token = %token,
                 "no admin account yet. Sign in (or register) and claim admin with this one-time \

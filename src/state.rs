@@ -53,6 +53,7 @@ impl AppState {
         billing: Billing,
         jobs: Jobs,
         metrics: crate::ops::Metrics,
+        tasks: TaskTracker,
     ) -> AppState {
         AppState(Arc::new(Shared {
             config,
@@ -62,7 +63,7 @@ impl AppState {
             billing,
             jobs,
             shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            tasks,
             metrics,
             ready: AtomicBool::new(false),
         }))

@@ -28,7 +28,29 @@ pub struct Mail {
     pub body: String,
 }
 
-/// Enqueues `mail` in the caller's write transaction. Call `jobs.notify(QUEUE)` after it.
+/// Wakes the dispatcher of [`QUEUE`] after a commit that queued a mail. A narrow handle
+/// given to the services at construction, so they need no handle on the job system.
+#[derive(Clone)]
+pub struct WakeMail(Arc<dyn Fn() + Send + Sync>);
+
+impl WakeMail {
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> WakeMail {
+        WakeMail(Arc::new(wake))
+    }
+
+    /// For processes that run no mail queue (the CLI): the server's dispatcher finds the
+    /// job on its next poll.
+    pub fn none() -> WakeMail {
+        WakeMail::new(|| {})
+    }
+
+    pub fn wake(&self) {
+        (self.0)()
+    }
+}
+
+/// Enqueues `mail` in the caller's write transaction. Wake the queue ([`WakeMail`], or
+/// `jobs.notify(QUEUE)`) after it commits.
 pub fn enqueue_in(conn: &Conn, mail: &Mail, now: i64) -> Result<String, StorageError> {
     let id = crate::ids::new_id_at(now);
     let payload = serde_json::to_string(mail).map_err(|e| StorageError::Corrupt(e.to_string()))?;

@@ -150,6 +150,19 @@ struct Inner {
     profiles: Loaded<String, Arc<Profile>>,
     /// Announces [`AuthChange`]s; nobody listening is fine.
     changes: tokio::sync::broadcast::Sender<AuthChange>,
+    /// Where browsers reach warpbase (links in mails).
+    public_base: String,
+    /// The sender of account mail.
+    mail_from: String,
+    /// `auth.refresh_reuse_window`: a rotated refresh token presented again this soon is
+    /// refused without revoking the session.
+    refresh_reuse_window: Duration,
+    /// `auth.step_up_window`: how recent a sign-in setting a first password needs.
+    step_up_window: Duration,
+    /// The app's background tasks, so shutdown waits for the writes started here.
+    tasks: tokio_util::task::TaskTracker,
+    /// Wakes the mail queue after a commit that queued a mail.
+    wake_mail: mail::WakeMail,
 }
 
 /// What `/me` shows of a user apart from plan and usage: the row's public fields (never
@@ -252,12 +265,17 @@ impl Profile {
 }
 
 impl Auth {
+    /// `tasks` is the app's tracker of background tasks (the bounded reset writes run
+    /// there, so shutdown waits for them); `wake_mail` tells the mail queue that a
+    /// committed flow queued a mail.
     pub fn new(
         config: &Config,
         storage: Storage,
         clock: SharedClock,
         jwt_secret: &[u8],
         oauth: oauth::OAuthProviders,
+        tasks: tokio_util::task::TaskTracker,
+        wake_mail: mail::WakeMail,
     ) -> Auth {
         // Correctness comes from invalidation after each commit in this process; the TTL
         // bounds how long a change made by another process (the `warpbase user` CLI on
@@ -293,6 +311,12 @@ impl Auth {
                 sessions: Loaded::new(200_000, cache_ttl),
                 profiles: Loaded::new(100_000, cache_ttl),
                 changes: tokio::sync::broadcast::channel(1024).0,
+                public_base: config.public_base().to_string(),
+                mail_from: config.mail.from.clone(),
+                refresh_reuse_window: config.auth.refresh_reuse_window,
+                step_up_window: config.auth.step_up_window,
+                tasks,
+                wake_mail,
             }),
         }
     }

@@ -14,8 +14,7 @@ use std::time::Duration;
 use super::oauth::{AuthStart, OAuthError, ProviderIdentity};
 use super::service::Client;
 use super::tokens::{hash_token, random_token};
-use super::{AuthError, Principal, TokenPair};
-use crate::state::AppState;
+use super::{Auth, AuthError, Principal, TokenPair};
 use crate::storage::auth::{self as sa, AuditEntry, IdentityRow, OAuthState};
 use crate::storage::users::{self, NewUser, UserRow};
 use crate::storage::{Conn, StorageError};
@@ -151,209 +150,6 @@ pub struct CallbackParams {
     pub code: Option<String>,
     pub state: Option<String>,
     pub error: Option<String>,
-}
-
-/// `(id, display name)` of the enabled providers.
-pub fn providers(state: &AppState) -> Vec<(&'static str, String)> {
-    state.auth.oauth().enabled()
-}
-
-pub fn is_enabled(state: &AppState, provider: &str) -> bool {
-    providers(state).iter().any(|(id, _)| *id == provider)
-}
-
-/// Starts an authorization at `provider` and returns the URL to send the browser to.
-/// With `link_to`, a successful callback attaches the identity to that signed-in user.
-pub async fn authorize_url(
-    state: &AppState,
-    provider: &str,
-    link_to: Option<&Principal>,
-    browser: &BrowserBinding,
-) -> Result<String, AuthError> {
-    if !is_enabled(state, provider) {
-        return Err(AuthError::NotFound);
-    }
-    let AuthStart {
-        url,
-        state: csrf,
-        pkce_verifier,
-        nonce,
-    } = state
-        .auth
-        .oauth()
-        .start(provider)
-        .await
-        .map_err(|e| match e {
-            OAuthError::UnknownProvider(_) => AuthError::NotFound,
-            other => {
-                tracing::warn!(error = %other, "cannot start OAuth authorization");
-                AuthError::OAuthProvider(other.to_string())
-            }
-        })?;
-    let now = state.now_millis();
-    let provider = provider.to_string();
-    let link = link_to.map(|p| p.user_id.clone());
-    let browser_hash = hash_token(&browser.value);
-    state
-        .storage
-        .write(move |c| {
-            // States live ten minutes; dropping the stale ones here keeps the table at
-            // what one window of sign-ins needs without a separate sweeper.
-            sa::purge_expired(c, now)?;
-            sa::insert_oauth_state(
-                c,
-                &OAuthState {
-                    state: &csrf,
-                    provider: &provider,
-                    pkce_verifier: &pkce_verifier,
-                    nonce: nonce.as_deref(),
-                    link_user_id: link.as_deref(),
-                    browser_hash: &browser_hash,
-                    expires_at: now + STATE_TTL.as_millis() as i64,
-                },
-                now,
-            )?;
-            Ok::<_, AuthError>(())
-        })
-        .await?;
-    Ok(url)
-}
-
-/// Finishes an authorization: on success returns the one-time exchange code (plaintext;
-/// only its hash is stored), bound to the same browser. `browser` is the binding cookie
-/// the request carried.
-pub async fn callback(
-    state: &AppState,
-    client: &Client,
-    provider: &str,
-    params: CallbackParams,
-    browser: Option<&str>,
-) -> Result<String, Refusal> {
-    let internal = |e: AuthError| {
-        tracing::error!(error = %e, "OAuth callback failed");
-        Refusal::new(
-            codes::INTERNAL,
-            "the sign-in could not be completed; please try again",
-        )
-    };
-    let Some(csrf) = params.state.filter(|s| !s.is_empty() && s.len() <= 512) else {
-        return Err(Refusal::new(
-            codes::INVALID_STATE,
-            "the provider's answer carries no state",
-        ));
-    };
-    let now = state.now_millis();
-    // Taking the row deletes it: a replayed callback finds nothing.
-    let taken = state
-        .storage
-        .write(move |c| sa::take_oauth_state(c, &csrf, now))
-        .await
-        .map_err(|e| internal(e.into()))?;
-    let Some(taken) = taken else {
-        return Err(Refusal::new(
-            codes::INVALID_STATE,
-            "the sign-in expired or was already completed; please start again",
-        ));
-    };
-    // Checked before anything else is believed: a callback URL carried to another
-    // browser (login CSRF, or a victim opening an attacker's link flow) is spent here.
-    if !same_browser(taken.browser_hash.as_deref(), browser) {
-        return Err(Refusal::new(
-            codes::INVALID_STATE,
-            "the sign-in was started in another browser or window; please start again",
-        ));
-    }
-    let Some(browser_hash) = browser.map(hash_token) else {
-        return Err(Refusal::new(codes::INVALID_STATE, "no browser binding"));
-    };
-    let (stored_provider, verifier, nonce, link_user) = (
-        taken.provider,
-        taken.pkce_verifier,
-        taken.nonce,
-        taken.link_user_id,
-    );
-    if stored_provider != provider {
-        return Err(Refusal::new(
-            codes::INVALID_STATE,
-            "the sign-in was started with another provider",
-        ));
-    }
-    if let Some(error) = params.error {
-        return Err(if error == "access_denied" {
-            Refusal::new(
-                codes::ACCESS_DENIED,
-                "access was not granted at the provider",
-            )
-        } else {
-            Refusal::new(
-                codes::PROVIDER_ERROR,
-                format!("the provider reported `{}`", printable(&error)),
-            )
-        });
-    }
-    let Some(code) = params.code.filter(|c| !c.is_empty()) else {
-        return Err(Refusal::new(
-            codes::PROVIDER_ERROR,
-            "the provider sent no authorization code",
-        ));
-    };
-    let identity = state
-        .auth
-        .oauth()
-        .finish(provider, code, verifier, nonce)
-        .await
-        .map_err(|e| {
-            // OAuthError messages name the provider and the problem, never a secret.
-            tracing::warn!(error = %e, "OAuth sign-in refused by the provider step");
-            Refusal::new(codes::PROVIDER_ERROR, e.to_string())
-        })?;
-    let exchange = random_token();
-    let exchange_hash = hash_token(&exchange);
-    let client2 = client.clone();
-    let outcome = state
-        .storage
-        .write(move |c| {
-            let user = match resolve_user(c, &identity, link_user.as_deref(), &client2, now)? {
-                Ok(user) => user,
-                Err(refusal) => {
-                    // Committed on purpose: refused attempts belong in the audit trail.
-                    let detail = format!("{}: {}", identity.provider, refusal.code);
-                    audit(
-                        c,
-                        link_user.as_deref(),
-                        "oauth_refused",
-                        &client2,
-                        &detail,
-                        now,
-                    )?;
-                    return Ok(Err(refusal));
-                }
-            };
-            sa::insert_bound_token(
-                c,
-                &exchange_hash,
-                EXCHANGE_PURPOSE,
-                &user.id,
-                &browser_hash,
-                now + EXCHANGE_TTL.as_millis() as i64,
-                now,
-            )?;
-            audit(
-                c,
-                Some(&user.id),
-                "oauth_login",
-                &client2,
-                &identity.provider,
-                now,
-            )?;
-            Ok::<_, AuthError>(Ok(user.id))
-        })
-        .await
-        .map_err(internal)?;
-    // A sign-in may have linked or refreshed an identity (or verified the email).
-    let user_id = outcome?;
-    state.auth.invalidate_user(&user_id).await;
-    Ok(exchange)
 }
 
 /// The sign-in rule (docs/API.md "Linking rule"), inside the callback's write.
@@ -557,88 +353,6 @@ fn refresh_identity(c: &Conn, id: &ProviderIdentity) -> Result<(), StorageError>
     )
 }
 
-/// Turns an exchange code from the callback redirect into a session for this client.
-pub async fn exchange(
-    state: &AppState,
-    client: &Client,
-    code: &str,
-    browser: Option<&str>,
-) -> Result<(TokenPair, UserRow), AuthError> {
-    super::service::limit_ip(state, client, super::service::IP_TOKENS)?;
-    if code.is_empty() || code.len() > 256 {
-        return Err(AuthError::InvalidGrant);
-    }
-    let browser_hash = browser.map(hash_token).ok_or(AuthError::InvalidState)?;
-    let hash = hash_token(code);
-    let now = state.now_millis();
-    let auth = state.auth.clone();
-    let client2 = client.clone();
-    state
-        .storage
-        .write(move |c| {
-            let uid = match sa::consume_bound_token(c, &hash, EXCHANGE_PURPOSE, &browser_hash, now)?
-            {
-                sa::BoundToken::Consumed(uid) => uid,
-                sa::BoundToken::OtherBrowser => return Err(AuthError::InvalidState),
-                sa::BoundToken::Invalid => return Err(AuthError::InvalidGrant),
-            };
-            let user = users::get_user(c, &uid)?.ok_or(AuthError::InvalidGrant)?;
-            if user.disabled {
-                return Err(AuthError::InvalidGrant);
-            }
-            let pair = auth.create_session_in(
-                c,
-                &user.id,
-                user.token_version,
-                client2.user_agent.as_deref(),
-                client2.ip.as_deref(),
-            )?;
-            audit(c, Some(&user.id), "login", &client2, "oauth", now)?;
-            Ok((pair, user))
-        })
-        .await
-}
-
-/// Removes the caller's identity at `provider`. Refused when it is the account's only way
-/// to sign in. Unlinking is a security event: every other session of the user is revoked
-/// (one may have come from the identity being removed); the caller's session continues.
-pub async fn unlink(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-    provider: &str,
-) -> Result<(), AuthError> {
-    let now = state.now_millis();
-    let uid = who.user_id.clone();
-    let sid = who.session_id.clone();
-    let provider = provider.to_string();
-    let client2 = client.clone();
-    let revoked = state
-        .storage
-        .write(move |c| {
-            let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
-            let identities = sa::identities_of(c, &uid)?;
-            if !identities.iter().any(|i| i.provider == provider) {
-                return Err(AuthError::NotFound);
-            }
-            if user.password_hash.is_none() && identities.len() == 1 {
-                return Err(AuthError::LastLoginMethod(format!(
-                    "{provider} is the only way to sign in to this account; set a password \
-                         or link another provider first"
-                )));
-            }
-            sa::delete_identity(c, &uid, &provider)?;
-            let revoked =
-                users::revoke_user_sessions(c, &uid, Some(&sid), "identity_unlinked", now)?;
-            audit(c, Some(&uid), "identity_unlinked", &client2, &provider, now)?;
-            Ok(revoked)
-        })
-        .await?;
-    state.auth.invalidate_sessions(&revoked).await;
-    state.auth.invalidate_user(&who.user_id).await;
-    Ok(())
-}
-
 fn audit(
     c: &Conn,
     user: Option<&str>,
@@ -667,6 +381,295 @@ fn printable(s: &str) -> &str {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     if ok { s } else { "(unprintable)" }
+}
+
+impl Auth {
+    /// `(id, display name)` of the enabled providers.
+    pub fn providers(&self) -> Vec<(&'static str, String)> {
+        self.oauth().enabled()
+    }
+
+    pub fn is_enabled(&self, provider: &str) -> bool {
+        self.providers().iter().any(|(id, _)| *id == provider)
+    }
+
+    /// Starts an authorization at `provider` and returns the URL to send the browser to.
+    /// With `link_to`, a successful callback attaches the identity to that signed-in user.
+    pub async fn authorize_url(
+        &self,
+        provider: &str,
+        link_to: Option<&Principal>,
+        browser: &BrowserBinding,
+    ) -> Result<String, AuthError> {
+        if !self.is_enabled(provider) {
+            return Err(AuthError::NotFound);
+        }
+        let AuthStart {
+            url,
+            state: csrf,
+            pkce_verifier,
+            nonce,
+        } = self.oauth().start(provider).await.map_err(|e| match e {
+            OAuthError::UnknownProvider(_) => AuthError::NotFound,
+            other => {
+                tracing::warn!(error = %other, "cannot start OAuth authorization");
+                AuthError::OAuthProvider(other.to_string())
+            }
+        })?;
+        let now = self.now_millis();
+        let provider = provider.to_string();
+        let link = link_to.map(|p| p.user_id.clone());
+        let browser_hash = hash_token(&browser.value);
+        self.inner
+            .storage
+            .write(move |c| {
+                // States live ten minutes; dropping the stale ones here keeps the table at
+                // what one window of sign-ins needs without a separate sweeper.
+                sa::purge_expired(c, now)?;
+                sa::insert_oauth_state(
+                    c,
+                    &OAuthState {
+                        state: &csrf,
+                        provider: &provider,
+                        pkce_verifier: &pkce_verifier,
+                        nonce: nonce.as_deref(),
+                        link_user_id: link.as_deref(),
+                        browser_hash: &browser_hash,
+                        expires_at: now + STATE_TTL.as_millis() as i64,
+                    },
+                    now,
+                )?;
+                Ok::<_, AuthError>(())
+            })
+            .await?;
+        Ok(url)
+    }
+
+    /// Finishes an authorization: on success returns the one-time exchange code (plaintext;
+    /// only its hash is stored), bound to the same browser. `browser` is the binding cookie
+    /// the request carried.
+    pub async fn callback(
+        &self,
+        client: &Client,
+        provider: &str,
+        params: CallbackParams,
+        browser: Option<&str>,
+    ) -> Result<String, Refusal> {
+        let internal = |e: AuthError| {
+            tracing::error!(error = %e, "OAuth callback failed");
+            Refusal::new(
+                codes::INTERNAL,
+                "the sign-in could not be completed; please try again",
+            )
+        };
+        let Some(csrf) = params.state.filter(|s| !s.is_empty() && s.len() <= 512) else {
+            return Err(Refusal::new(
+                codes::INVALID_STATE,
+                "the provider's answer carries no state",
+            ));
+        };
+        let now = self.now_millis();
+        // Taking the row deletes it: a replayed callback finds nothing.
+        let taken = self
+            .inner
+            .storage
+            .write(move |c| sa::take_oauth_state(c, &csrf, now))
+            .await
+            .map_err(|e| internal(e.into()))?;
+        let Some(taken) = taken else {
+            return Err(Refusal::new(
+                codes::INVALID_STATE,
+                "the sign-in expired or was already completed; please start again",
+            ));
+        };
+        // Checked before anything else is believed: a callback URL carried to another
+        // browser (login CSRF, or a victim opening an attacker's link flow) is spent here.
+        if !same_browser(taken.browser_hash.as_deref(), browser) {
+            return Err(Refusal::new(
+                codes::INVALID_STATE,
+                "the sign-in was started in another browser or window; please start again",
+            ));
+        }
+        let Some(browser_hash) = browser.map(hash_token) else {
+            return Err(Refusal::new(codes::INVALID_STATE, "no browser binding"));
+        };
+        let (stored_provider, verifier, nonce, link_user) = (
+            taken.provider,
+            taken.pkce_verifier,
+            taken.nonce,
+            taken.link_user_id,
+        );
+        if stored_provider != provider {
+            return Err(Refusal::new(
+                codes::INVALID_STATE,
+                "the sign-in was started with another provider",
+            ));
+        }
+        if let Some(error) = params.error {
+            return Err(if error == "access_denied" {
+                Refusal::new(
+                    codes::ACCESS_DENIED,
+                    "access was not granted at the provider",
+                )
+            } else {
+                Refusal::new(
+                    codes::PROVIDER_ERROR,
+                    format!("the provider reported `{}`", printable(&error)),
+                )
+            });
+        }
+        let Some(code) = params.code.filter(|c| !c.is_empty()) else {
+            return Err(Refusal::new(
+                codes::PROVIDER_ERROR,
+                "the provider sent no authorization code",
+            ));
+        };
+        let identity = self
+            .oauth()
+            .finish(provider, code, verifier, nonce)
+            .await
+            .map_err(|e| {
+                // OAuthError messages name the provider and the problem, never a secret.
+                tracing::warn!(error = %e, "OAuth sign-in refused by the provider step");
+                Refusal::new(codes::PROVIDER_ERROR, e.to_string())
+            })?;
+        let exchange = random_token();
+        let exchange_hash = hash_token(&exchange);
+        let client2 = client.clone();
+        let outcome = self
+            .inner
+            .storage
+            .write(move |c| {
+                let user = match resolve_user(c, &identity, link_user.as_deref(), &client2, now)? {
+                    Ok(user) => user,
+                    Err(refusal) => {
+                        // Committed on purpose: refused attempts belong in the audit trail.
+                        let detail = format!("{}: {}", identity.provider, refusal.code);
+                        audit(
+                            c,
+                            link_user.as_deref(),
+                            "oauth_refused",
+                            &client2,
+                            &detail,
+                            now,
+                        )?;
+                        return Ok(Err(refusal));
+                    }
+                };
+                sa::insert_bound_token(
+                    c,
+                    &exchange_hash,
+                    EXCHANGE_PURPOSE,
+                    &user.id,
+                    &browser_hash,
+                    now + EXCHANGE_TTL.as_millis() as i64,
+                    now,
+                )?;
+                audit(
+                    c,
+                    Some(&user.id),
+                    "oauth_login",
+                    &client2,
+                    &identity.provider,
+                    now,
+                )?;
+                Ok::<_, AuthError>(Ok(user.id))
+            })
+            .await
+            .map_err(internal)?;
+        // A sign-in may have linked or refreshed an identity (or verified the email).
+        let user_id = outcome?;
+        self.invalidate_user(&user_id).await;
+        Ok(exchange)
+    }
+
+    /// Turns an exchange code from the callback redirect into a session for this client.
+    pub async fn exchange(
+        &self,
+        client: &Client,
+        code: &str,
+        browser: Option<&str>,
+    ) -> Result<(TokenPair, UserRow), AuthError> {
+        self.limit_ip(client, super::service::IP_TOKENS)?;
+        if code.is_empty() || code.len() > 256 {
+            return Err(AuthError::InvalidGrant);
+        }
+        let browser_hash = browser.map(hash_token).ok_or(AuthError::InvalidState)?;
+        let hash = hash_token(code);
+        let now = self.now_millis();
+        let auth = self.clone();
+        let client2 = client.clone();
+        self.inner
+            .storage
+            .write(move |c| {
+                let uid = match sa::consume_bound_token(
+                    c,
+                    &hash,
+                    EXCHANGE_PURPOSE,
+                    &browser_hash,
+                    now,
+                )? {
+                    sa::BoundToken::Consumed(uid) => uid,
+                    sa::BoundToken::OtherBrowser => return Err(AuthError::InvalidState),
+                    sa::BoundToken::Invalid => return Err(AuthError::InvalidGrant),
+                };
+                let user = users::get_user(c, &uid)?.ok_or(AuthError::InvalidGrant)?;
+                if user.disabled {
+                    return Err(AuthError::InvalidGrant);
+                }
+                let pair = auth.create_session_in(
+                    c,
+                    &user.id,
+                    user.token_version,
+                    client2.user_agent.as_deref(),
+                    client2.ip.as_deref(),
+                )?;
+                audit(c, Some(&user.id), "login", &client2, "oauth", now)?;
+                Ok((pair, user))
+            })
+            .await
+    }
+
+    /// Removes the caller's identity at `provider`. Refused when it is the account's only way
+    /// to sign in. Unlinking is a security event: every other session of the user is revoked
+    /// (one may have come from the identity being removed); the caller's session continues.
+    pub async fn unlink(
+        &self,
+        who: &Principal,
+        client: &Client,
+        provider: &str,
+    ) -> Result<(), AuthError> {
+        let now = self.now_millis();
+        let uid = who.user_id.clone();
+        let sid = who.session_id.clone();
+        let provider = provider.to_string();
+        let client2 = client.clone();
+        let revoked = self
+            .inner
+            .storage
+            .write(move |c| {
+                let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
+                let identities = sa::identities_of(c, &uid)?;
+                if !identities.iter().any(|i| i.provider == provider) {
+                    return Err(AuthError::NotFound);
+                }
+                if user.password_hash.is_none() && identities.len() == 1 {
+                    return Err(AuthError::LastLoginMethod(format!(
+                        "{provider} is the only way to sign in to this account; set a password \
+                         or link another provider first"
+                    )));
+                }
+                sa::delete_identity(c, &uid, &provider)?;
+                let revoked =
+                    users::revoke_user_sessions(c, &uid, Some(&sid), "identity_unlinked", now)?;
+                audit(c, Some(&uid), "identity_unlinked", &client2, &provider, now)?;
+                Ok(revoked)
+            })
+            .await?;
+        self.invalidate_sessions(&revoked).await;
+        self.invalidate_user(&who.user_id).await;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,6 @@ use utoipa_axum::routes;
 
 use super::extract::ClientInfo;
 use super::oauth_flow::{self, BrowserBinding, CallbackParams};
-use super::service;
 use crate::auth::{AdminUser, AuthUser, Profile, TokenPair};
 use crate::billing::Entitlement;
 use crate::error::{ApiError, ApiResult};
@@ -229,7 +228,10 @@ async fn register(
     ClientInfo(client): ClientInfo,
     Json(b): Json<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<SignedIn>)> {
-    let (tokens, user) = service::register(&state, &client, &b.email, b.password, b.name).await?;
+    let (tokens, user) = state
+        .auth
+        .register(&client, &b.email, b.password, b.name)
+        .await?;
     Ok((StatusCode::CREATED, signed_in(&state, tokens, user).await?))
 }
 
@@ -253,7 +255,7 @@ async fn login(
     ClientInfo(client): ClientInfo,
     Json(b): Json<LoginBody>,
 ) -> ApiResult<Json<SignedIn>> {
-    let (tokens, user) = service::login(&state, &client, &b.email, b.password).await?;
+    let (tokens, user) = state.auth.login(&client, &b.email, b.password).await?;
     signed_in(&state, tokens, user).await
 }
 
@@ -274,7 +276,7 @@ async fn refresh(
     ClientInfo(client): ClientInfo,
     Json(b): Json<RefreshBody>,
 ) -> ApiResult<Json<SignedIn>> {
-    let (tokens, user) = service::refresh(&state, &client, &b.refresh_token).await?;
+    let (tokens, user) = state.auth.refresh(&client, &b.refresh_token).await?;
     signed_in(&state, tokens, user).await
 }
 
@@ -288,7 +290,7 @@ async fn logout(
     ClientInfo(client): ClientInfo,
 ) -> ApiResult<StatusCode> {
     // The session is the access token's; an optional `{refresh_token}` body adds nothing.
-    service::logout(&state, &p, &client).await?;
+    state.auth.logout(&p, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -300,7 +302,7 @@ async fn logout_all(
     AuthUser(p): AuthUser,
     ClientInfo(client): ClientInfo,
 ) -> ApiResult<StatusCode> {
-    service::logout_all(&state, &p, &client).await?;
+    state.auth.logout_all(&p, &client).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -328,8 +330,10 @@ async fn change_password(
     ClientInfo(client): ClientInfo,
     Json(b): Json<PasswordBody>,
 ) -> ApiResult<Json<SignedIn>> {
-    let (tokens, user) =
-        service::change_password(&state, &p, &client, b.current_password, b.new_password).await?;
+    let (tokens, user) = state
+        .auth
+        .change_password(&p, &client, b.current_password, b.new_password)
+        .await?;
     signed_in(&state, tokens, user).await
 }
 
@@ -352,7 +356,7 @@ async fn reset_request(
     ClientInfo(client): ClientInfo,
     Json(b): Json<EmailBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    service::request_password_reset(&state, &client, &b.email).await?;
+    state.auth.request_password_reset(&client, &b.email).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": true }))))
 }
 
@@ -376,7 +380,10 @@ async fn reset(
     ClientInfo(client): ClientInfo,
     Json(b): Json<ResetBody>,
 ) -> ApiResult<StatusCode> {
-    service::reset_password(&state, &client, &b.token, b.new_password).await?;
+    state
+        .auth
+        .reset_password(&client, &b.token, b.new_password)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -389,7 +396,7 @@ async fn verify_request(
     AuthUser(p): AuthUser,
     ClientInfo(client): ClientInfo,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    service::request_verification(&state, &p, &client).await?;
+    state.auth.request_verification(&p, &client).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": true }))))
 }
 
@@ -409,7 +416,7 @@ async fn verify(
     ClientInfo(client): ClientInfo,
     Json(b): Json<TokenBody>,
 ) -> ApiResult<StatusCode> {
-    service::verify_email(&state, &client, &b.token).await?;
+    state.auth.verify_email(&client, &b.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -450,7 +457,7 @@ async fn revoke_session(
     ClientInfo(client): ClientInfo,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    service::revoke_session(&state, &p, &client, &id).await?;
+    state.auth.revoke_session(&p, &client, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -522,14 +529,16 @@ async fn admin_claim(
     AuthUser(p): AuthUser,
     Json(b): Json<ClaimBody>,
 ) -> ApiResult<StatusCode> {
-    service::claim_admin(&state, &p, &client, &b.token).await?;
+    state.auth.claim_admin(&p, &client, &b.token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/auth/providers", tag = "accounts", operation_id = "providers",
     responses((status = 200, description = "The enabled OAuth providers", body = crate::openapi::ProviderList)))]
 async fn oauth_providers(State(state): State<AppState>) -> Json<Value> {
-    let items: Vec<Value> = oauth_flow::providers(&state)
+    let items: Vec<Value> = state
+        .auth
+        .providers()
         .into_iter()
         .map(|(id, name)| json!({ "id": id, "name": name }))
         .collect();
@@ -579,7 +588,7 @@ async fn oauth_authorize(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let (binding, cookie) = bind_browser(&state, &headers)?;
-    let url = oauth_flow::authorize_url(&state, &provider, None, &binding).await?;
+    let url = state.auth.authorize_url(&provider, None, &binding).await?;
     let mut resp = found(&url)?;
     resp.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(resp)
@@ -602,7 +611,10 @@ async fn oauth_link(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let (binding, cookie) = bind_browser(&state, &headers)?;
-    let url = oauth_flow::authorize_url(&state, &provider, Some(&p), &binding).await?;
+    let url = state
+        .auth
+        .authorize_url(&provider, Some(&p), &binding)
+        .await?;
     let mut resp = Json(json!({ "authorize_url": url })).into_response();
     resp.headers_mut().insert(header::SET_COOKIE, cookie);
     resp.headers_mut()
@@ -635,7 +647,7 @@ async fn oauth_callback(
     Query(q): Query<CallbackQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
-    if !oauth_flow::is_enabled(&state, &provider) {
+    if !state.auth.is_enabled(&provider) {
         return Err(ApiError::not_found("no such OAuth provider"));
     }
     let params = CallbackParams {
@@ -645,7 +657,11 @@ async fn oauth_callback(
     };
     let base = state.config.public_base();
     let browser = browser_cookie(&state, &headers);
-    match oauth_flow::callback(&state, &client, &provider, params, browser.as_deref()).await {
+    match state
+        .auth
+        .callback(&client, &provider, params, browser.as_deref())
+        .await
+    {
         Ok(code) => found(&format!("{base}/#/auth/complete?code={code}")),
         Err(refusal) => {
             let query = oauth2::url::form_urlencoded::Serializer::new(String::new())
@@ -677,7 +693,10 @@ async fn oauth_exchange(
     Json(b): Json<ExchangeBody>,
 ) -> ApiResult<Json<SignedIn>> {
     let browser = browser_cookie(&state, &headers);
-    let (tokens, user) = oauth_flow::exchange(&state, &client, &b.code, browser.as_deref()).await?;
+    let (tokens, user) = state
+        .auth
+        .exchange(&client, &b.code, browser.as_deref())
+        .await?;
     signed_in(&state, tokens, user).await
 }
 
@@ -694,7 +713,7 @@ async fn unlink_identity(
     ClientInfo(client): ClientInfo,
     Path(provider): Path<String>,
 ) -> ApiResult<StatusCode> {
-    oauth_flow::unlink(&state, &p, &client, &provider).await?;
+    state.auth.unlink(&p, &client, &provider).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

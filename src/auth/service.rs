@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use super::password::{normalize_email, validate_new_password};
 use super::tokens::{hash_token, random_token};
-use super::{AuthError, Principal, TokenPair};
-use crate::state::AppState;
+use super::{Auth, AuthError, Principal, TokenPair};
 use crate::storage::auth::{self as sa, AuditEntry};
 use crate::storage::users::{self, NewUser, UserRow};
 use crate::storage::{Conn, StorageError};
@@ -96,18 +95,6 @@ fn drop_unverified_identities(
 pub(super) const IP_CREDENTIALS: &str = "ip";
 pub(super) const IP_TOKENS: &str = "ip-token";
 
-/// At most `auth.rate_limit` requests per `auth.rate_window` per client IP and bucket.
-pub(super) fn limit_ip(state: &AppState, client: &Client, bucket: &str) -> Result<(), AuthError> {
-    if let Some(ip) = &client.ip {
-        state
-            .auth
-            .limiters()
-            .check(&format!("{bucket}:{ip}"))
-            .map_err(AuthError::RateLimited)?;
-    }
-    Ok(())
-}
-
 /// The key of sign-in failure counting: the account and the caller's network. Keyed by
 /// both, failures from elsewhere never delay the owner.
 fn lockout_key(email: &str, client: &Client) -> String {
@@ -117,45 +104,85 @@ fn lockout_key(email: &str, client: &Client) -> String {
     )
 }
 
-/// Refuses an attempt while its (email, network) is in a failure delay.
-fn check_lockout(state: &AppState, key: &str) -> Result<(), AuthError> {
-    state
-        .auth
-        .backoff()
-        .check(key)
-        .map_err(AuthError::RateLimited)
+enum RefreshOutcome {
+    Rotated(TokenPair, UserRow),
+    Reused {
+        revoked: Vec<String>,
+        user_id: String,
+    },
+    Forgiven,
+    Invalid,
 }
 
-pub async fn register(
-    state: &AppState,
+const RESET_PURPOSE: &str = "password_reset";
+
+/// The write of a password reset: consumes the token, sets the password, uses up every
+/// other pending reset link of the user, drops identities linked while the address was
+/// unverified, revokes every session. Returns the user, the revoked sessions and whether
+/// a mail was queued.
+fn apply_password_reset(
+    c: &Conn,
+    token_hash: &[u8],
+    phc: &str,
+    from: &str,
     client: &Client,
-    email: &str,
-    password: String,
-    name: Option<String>,
-) -> Result<(TokenPair, UserRow), AuthError> {
-    let email = normalize_email(email).map_err(AuthError::Invalid)?;
-    limit_ip(state, client, IP_CREDENTIALS)?;
-    validate_new_password(&password).map_err(AuthError::Invalid)?;
-    if let Some(n) = &name
-        && n.chars().count() > 200
-    {
-        return Err(AuthError::Invalid(
-            "name must be at most 200 characters".into(),
-        ));
+    now: i64,
+) -> Result<(String, Vec<String>, bool), AuthError> {
+    let uid = sa::consume_one_time_token(c, token_hash, RESET_PURPOSE, now)?
+        .ok_or(AuthError::InvalidGrant)?;
+    sa::set_password(c, &uid, phc, now)?;
+    sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
+    // Receiving the mail proves the address, which drops identities linked before it.
+    sa::set_email_verified(c, &uid, now)?;
+    let mailed = drop_unverified_identities(c, &uid, from, client, now)?;
+    users::bump_token_version(c, &uid, now)?;
+    let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
+    audit(c, Some(&uid), "password_reset", client, None, now)?;
+    Ok((uid, revoked, mailed))
+}
+
+impl Auth {
+    /// At most `auth.rate_limit` requests per `auth.rate_window` per client IP and bucket.
+    pub(super) fn limit_ip(&self, client: &Client, bucket: &str) -> Result<(), AuthError> {
+        if let Some(ip) = &client.ip {
+            self.limiters()
+                .check(&format!("{bucket}:{ip}"))
+                .map_err(AuthError::RateLimited)?;
+        }
+        Ok(())
     }
-    let phc = state.auth.hasher().hash(password).await?;
-    let now = state.now_millis();
-    let auth = state.auth.clone();
-    let client2 = client.clone();
-    let verify_token = random_token();
-    let verify_hash = hash_token(&verify_token);
-    let link = format!(
-        "{}/#/verify?token={verify_token}",
-        state.config.public_base()
-    );
-    let mail_from = state.config.mail.from.clone();
-    let (pair, user) = state
-        .storage
+
+    /// Refuses an attempt while its (email, network) is in a failure delay.
+    fn check_lockout(&self, key: &str) -> Result<(), AuthError> {
+        self.backoff().check(key).map_err(AuthError::RateLimited)
+    }
+
+    pub async fn register(
+        &self,
+        client: &Client,
+        email: &str,
+        password: String,
+        name: Option<String>,
+    ) -> Result<(TokenPair, UserRow), AuthError> {
+        let email = normalize_email(email).map_err(AuthError::Invalid)?;
+        self.limit_ip(client, IP_CREDENTIALS)?;
+        validate_new_password(&password).map_err(AuthError::Invalid)?;
+        if let Some(n) = &name
+            && n.chars().count() > 200
+        {
+            return Err(AuthError::Invalid(
+                "name must be at most 200 characters".into(),
+            ));
+        }
+        let phc = self.hasher().hash(password).await?;
+        let now = self.now_millis();
+        let auth = self.clone();
+        let client2 = client.clone();
+        let verify_token = random_token();
+        let verify_hash = hash_token(&verify_token);
+        let link = format!("{}/#/verify?token={verify_token}", self.inner.public_base);
+        let mail_from = self.inner.mail_from.clone();
+        let (pair, user) = self.inner.storage
         .write(move |c| {
             let id = crate::ids::new_id_at(now);
             let user = users::insert_user(
@@ -199,130 +226,266 @@ pub async fn register(
             Ok::<_, AuthError>((pair, user))
         })
         .await?;
-    state.jobs.notify(super::mail::QUEUE);
-    Ok((pair, user))
-}
-
-pub async fn login(
-    state: &AppState,
-    client: &Client,
-    email: &str,
-    password: String,
-) -> Result<(TokenPair, UserRow), AuthError> {
-    // A malformed email is just a failed login: no hint about what is wrong.
-    let email = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
-    limit_ip(state, client, IP_CREDENTIALS)?;
-    let lockout = lockout_key(&email, client);
-    check_lockout(state, &lockout)?;
-    if password.len() > super::password::MAX_PASSWORD_BYTES {
-        state.auth.backoff().failure(&lockout);
-        return Err(AuthError::InvalidCredentials);
+        self.inner.wake_mail.wake();
+        Ok((pair, user))
     }
-    let lookup = email.clone();
-    let user = state
-        .storage
-        .read(move |c| users::get_user_by_email(c, &lookup))
-        .await?;
-    let phc = user.as_ref().and_then(|u| u.password_hash.clone());
-    let ok = state
-        .auth
-        .hasher()
-        .verify(password.clone(), phc.clone())
-        .await?;
-    let now = state.now_millis();
-    let user = match user {
-        Some(u) if ok && !u.disabled => u,
-        other => {
-            state.auth.backoff().failure(&lockout);
-            let uid = other.map(|u| u.id);
-            let client2 = client.clone();
-            state
-                .storage
-                .write(move |c| audit(c, uid.as_deref(), "login_failed", &client2, None, now))
-                .await?;
+
+    pub async fn login(
+        &self,
+        client: &Client,
+        email: &str,
+        password: String,
+    ) -> Result<(TokenPair, UserRow), AuthError> {
+        // A malformed email is just a failed login: no hint about what is wrong.
+        let email = normalize_email(email).unwrap_or_else(|_| email.trim().to_lowercase());
+        self.limit_ip(client, IP_CREDENTIALS)?;
+        let lockout = lockout_key(&email, client);
+        self.check_lockout(&lockout)?;
+        if password.len() > super::password::MAX_PASSWORD_BYTES {
+            self.backoff().failure(&lockout);
             return Err(AuthError::InvalidCredentials);
         }
-    };
-    // Upgrade hashes made with weaker parameters while we hold the plaintext.
-    let rehash = match &phc {
-        Some(p) if super::password::needs_rehash(p) => {
-            state.auth.hasher().hash(password).await.ok()
-        }
-        _ => None,
-    };
-    let auth = state.auth.clone();
-    let client2 = client.clone();
-    let uid = user.id.clone();
-    let pair = state
-        .storage
-        .write(move |c| {
-            if let Some(phc) = &rehash {
-                sa::set_password(c, &uid, phc, now)?;
+        let lookup = email.clone();
+        let user = self
+            .inner
+            .storage
+            .read(move |c| users::get_user_by_email(c, &lookup))
+            .await?;
+        let phc = user.as_ref().and_then(|u| u.password_hash.clone());
+        let ok = self.hasher().verify(password.clone(), phc.clone()).await?;
+        let now = self.now_millis();
+        let user = match user {
+            Some(u) if ok && !u.disabled => u,
+            other => {
+                self.backoff().failure(&lockout);
+                let uid = other.map(|u| u.id);
+                let client2 = client.clone();
+                self.inner
+                    .storage
+                    .write(move |c| audit(c, uid.as_deref(), "login_failed", &client2, None, now))
+                    .await?;
+                return Err(AuthError::InvalidCredentials);
             }
-            let fresh = users::get_user(c, &uid)?.ok_or(AuthError::InvalidCredentials)?;
-            let pair = auth.create_session_in(
-                c,
-                &uid,
-                fresh.token_version,
-                client2.user_agent.as_deref(),
-                client2.ip.as_deref(),
-            )?;
-            audit(c, Some(&uid), "login", &client2, None, now)?;
-            Ok::<_, AuthError>(pair)
-        })
-        .await?;
-    state.auth.backoff().reset(&lockout);
-    Ok((pair, user))
-}
-
-enum RefreshOutcome {
-    Rotated(TokenPair, UserRow),
-    Reused {
-        revoked: Vec<String>,
-        user_id: String,
-    },
-    Forgiven,
-    Invalid,
-}
-
-/// Rotates a refresh token. Presenting a token that was already rotated away means it
-/// leaked or raced: the whole session is revoked (unless within `refresh_reuse_window`,
-/// where the request is refused but the session kept).
-pub async fn refresh(
-    state: &AppState,
-    client: &Client,
-    token: &str,
-) -> Result<(TokenPair, UserRow), AuthError> {
-    limit_ip(state, client, IP_TOKENS)?;
-    if token.is_empty() || token.len() > 256 {
-        return Err(AuthError::InvalidGrant);
+        };
+        // Upgrade hashes made with weaker parameters while we hold the plaintext.
+        let rehash = match &phc {
+            Some(p) if super::password::needs_rehash(p) => self.hasher().hash(password).await.ok(),
+            _ => None,
+        };
+        let auth = self.clone();
+        let client2 = client.clone();
+        let uid = user.id.clone();
+        let pair = self
+            .inner
+            .storage
+            .write(move |c| {
+                if let Some(phc) = &rehash {
+                    sa::set_password(c, &uid, phc, now)?;
+                }
+                let fresh = users::get_user(c, &uid)?.ok_or(AuthError::InvalidCredentials)?;
+                let pair = auth.create_session_in(
+                    c,
+                    &uid,
+                    fresh.token_version,
+                    client2.user_agent.as_deref(),
+                    client2.ip.as_deref(),
+                )?;
+                audit(c, Some(&uid), "login", &client2, None, now)?;
+                Ok::<_, AuthError>(pair)
+            })
+            .await?;
+        self.backoff().reset(&lockout);
+        Ok((pair, user))
     }
-    let old_hash = hash_token(token);
-    let now = state.now_millis();
-    let ttl = state.config.auth.refresh_ttl.as_millis() as i64;
-    let window = state.config.auth.refresh_reuse_window.as_millis() as i64;
-    let auth = state.auth.clone();
-    let client2 = client.clone();
-    let outcome = state
-        .storage
-        .write(move |c| -> Result<RefreshOutcome, AuthError> {
-            if let Some(t) = sa::session_by_refresh(c, &old_hash)? {
-                if t.revoked {
-                    return Ok(RefreshOutcome::Invalid);
+
+    /// Rotates a refresh token. Presenting a token that was already rotated away means it
+    /// leaked or raced: the whole session is revoked (unless within `refresh_reuse_window`,
+    /// where the request is refused but the session kept).
+    pub async fn refresh(
+        &self,
+        client: &Client,
+        token: &str,
+    ) -> Result<(TokenPair, UserRow), AuthError> {
+        self.limit_ip(client, IP_TOKENS)?;
+        if token.is_empty() || token.len() > 256 {
+            return Err(AuthError::InvalidGrant);
+        }
+        let old_hash = hash_token(token);
+        let now = self.now_millis();
+        let ttl = self.inner.refresh_ttl.as_millis() as i64;
+        let window = self.inner.refresh_reuse_window.as_millis() as i64;
+        let auth = self.clone();
+        let client2 = client.clone();
+        let outcome = self
+            .inner
+            .storage
+            .write(move |c| -> Result<RefreshOutcome, AuthError> {
+                if let Some(t) = sa::session_by_refresh(c, &old_hash)? {
+                    if t.revoked {
+                        return Ok(RefreshOutcome::Invalid);
+                    }
+                    if t.expires_at <= now {
+                        return Ok(RefreshOutcome::Invalid);
+                    }
+                    let user = users::get_user(c, &t.user_id)?.ok_or(AuthError::InvalidGrant)?;
+                    if user.disabled {
+                        return Ok(RefreshOutcome::Invalid);
+                    }
+                    let new = random_token();
+                    sa::rotate_refresh(
+                        c,
+                        &sa::Rotation {
+                            session_id: &t.session_id,
+                            old_hash: &old_hash,
+                            new_hash: &hash_token(&new),
+                            expires_at: now + ttl,
+                            ip: client2.ip.as_deref(),
+                            user_agent: client2.user_agent.as_deref(),
+                        },
+                        now,
+                    )?;
+                    let pair = auth.token_pair(&user.id, &t.session_id, user.token_version, new);
+                    return Ok(RefreshOutcome::Rotated(pair, user));
                 }
-                if t.expires_at <= now {
-                    return Ok(RefreshOutcome::Invalid);
+                if let Some((sid, uid, rotated_at)) = sa::rotated_refresh(c, &old_hash)? {
+                    if window > 0 && now - rotated_at <= window {
+                        audit(
+                            c,
+                            Some(&uid),
+                            "refresh_reuse_forgiven",
+                            &client2,
+                            Some(&sid),
+                            now,
+                        )?;
+                        return Ok(RefreshOutcome::Forgiven);
+                    }
+                    let revoked = users::revoke_user_sessions_one(c, &sid, "refresh_reused", now)?;
+                    audit(c, Some(&uid), "refresh_reused", &client2, Some(&sid), now)?;
+                    return Ok(RefreshOutcome::Reused {
+                        revoked,
+                        user_id: uid,
+                    });
                 }
-                let user = users::get_user(c, &t.user_id)?.ok_or(AuthError::InvalidGrant)?;
-                if user.disabled {
-                    return Ok(RefreshOutcome::Invalid);
-                }
+                Ok(RefreshOutcome::Invalid)
+            })
+            .await?;
+        match outcome {
+            RefreshOutcome::Rotated(pair, user) => Ok((pair, user)),
+            RefreshOutcome::Reused { revoked, user_id } => {
+                self.invalidate_sessions(&revoked).await;
+                self.invalidate_user(&user_id).await;
+                Err(AuthError::RefreshReused)
+            }
+            RefreshOutcome::Forgiven => Err(AuthError::RefreshReused),
+            RefreshOutcome::Invalid => Err(AuthError::InvalidGrant),
+        }
+    }
+
+    pub async fn logout(&self, who: &Principal, client: &Client) -> Result<(), AuthError> {
+        let now = self.now_millis();
+        let sid = who.session_id.clone();
+        let uid = who.user_id.clone();
+        let client2 = client.clone();
+        self.inner
+            .storage
+            .write(move |c| {
+                users::revoke_session(c, &sid, "logout", now)?;
+                audit(c, Some(&uid), "logout", &client2, None, now)?;
+                Ok::<_, AuthError>(())
+            })
+            .await?;
+        self.invalidate_sessions(std::slice::from_ref(&who.session_id))
+            .await;
+        Ok(())
+    }
+
+    /// Ends every session and access token of the user at once.
+    pub async fn logout_all(&self, who: &Principal, client: &Client) -> Result<(), AuthError> {
+        let now = self.now_millis();
+        let uid = who.user_id.clone();
+        let client2 = client.clone();
+        let revoked = self
+            .inner
+            .storage
+            .write(move |c| {
+                users::bump_token_version(c, &uid, now)?;
+                let ids = users::revoke_user_sessions(c, &uid, None, "logout_all", now)?;
+                audit(c, Some(&uid), "logout_all", &client2, None, now)?;
+                Ok::<_, AuthError>(ids)
+            })
+            .await?;
+        self.invalidate_user(&who.user_id).await;
+        self.invalidate_sessions(&revoked).await;
+        Ok(())
+    }
+
+    /// Changes the password; every other session and every earlier access token stop
+    /// working. Returns fresh tokens for the calling client (its session continues).
+    pub async fn change_password(
+        &self,
+        who: &Principal,
+        client: &Client,
+        current: String,
+        new: String,
+    ) -> Result<(TokenPair, UserRow), AuthError> {
+        validate_new_password(&new).map_err(AuthError::Invalid)?;
+        let uid = who.user_id.clone();
+        let sid = who.session_id.clone();
+        let (user, auth_time) = self
+            .inner
+            .storage
+            .read(move |c| {
+                let user = users::get_user(c, &uid)?;
+                Ok::<_, StorageError>((user, users::session_auth_time(c, &sid)?))
+            })
+            .await?;
+        let user = user.ok_or(AuthError::Unauthorized)?;
+        if user.password_hash.is_none() {
+            // No current password to prove: a first password needs a recent sign-in instead,
+            // so that a leaked or left-behind access token cannot take over the account.
+            let window = self.inner.step_up_window.as_millis() as i64;
+            if auth_time.is_none_or(|t| self.now_millis() - t > window) {
+                return Err(AuthError::StepUpRequired);
+            }
+        } else {
+            self.limit_ip(client, IP_CREDENTIALS)?;
+            let lockout = lockout_key(&user.email, client);
+            self.check_lockout(&lockout)?;
+            if !self
+                .hasher()
+                .verify(current, user.password_hash.clone())
+                .await?
+            {
+                self.backoff().failure(&lockout);
+                return Err(AuthError::InvalidCredentials);
+            }
+        }
+        let phc = self.hasher().hash(new).await?;
+        let now = self.now_millis();
+        let ttl = self.inner.refresh_ttl.as_millis() as i64;
+        let auth = self.clone();
+        let client2 = client.clone();
+        let uid = who.user_id.clone();
+        let sid = who.session_id.clone();
+        let (pair, revoked, user) = self
+            .inner
+            .storage
+            .write(move |c| {
+                sa::set_password(c, &uid, &phc, now)?;
+                // A reset link mailed before the change must not undo it.
+                sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
+                let version = users::bump_token_version(c, &uid, now)?;
+                let revoked =
+                    users::revoke_user_sessions(c, &uid, Some(&sid), "password_changed", now)?;
+                // The calling client keeps its session but gets a new refresh token too.
                 let new = random_token();
+                let current =
+                    sa::current_refresh_hash(c, &sid)?.ok_or(AuthError::SessionRevoked)?;
                 sa::rotate_refresh(
                     c,
                     &sa::Rotation {
-                        session_id: &t.session_id,
-                        old_hash: &old_hash,
+                        session_id: &sid,
+                        old_hash: &current,
                         new_hash: &hash_token(&new),
                         expires_at: now + ttl,
                         ip: client2.ip.as_deref(),
@@ -330,208 +493,54 @@ pub async fn refresh(
                     },
                     now,
                 )?;
-                let pair = auth.token_pair(&user.id, &t.session_id, user.token_version, new);
-                return Ok(RefreshOutcome::Rotated(pair, user));
-            }
-            if let Some((sid, uid, rotated_at)) = sa::rotated_refresh(c, &old_hash)? {
-                if window > 0 && now - rotated_at <= window {
-                    audit(
-                        c,
-                        Some(&uid),
-                        "refresh_reuse_forgiven",
-                        &client2,
-                        Some(&sid),
-                        now,
-                    )?;
-                    return Ok(RefreshOutcome::Forgiven);
-                }
-                let revoked = users::revoke_user_sessions_one(c, &sid, "refresh_reused", now)?;
-                audit(c, Some(&uid), "refresh_reused", &client2, Some(&sid), now)?;
-                return Ok(RefreshOutcome::Reused {
-                    revoked,
-                    user_id: uid,
-                });
-            }
-            Ok(RefreshOutcome::Invalid)
-        })
-        .await?;
-    match outcome {
-        RefreshOutcome::Rotated(pair, user) => Ok((pair, user)),
-        RefreshOutcome::Reused { revoked, user_id } => {
-            state.auth.invalidate_sessions(&revoked).await;
-            state.auth.invalidate_user(&user_id).await;
-            Err(AuthError::RefreshReused)
-        }
-        RefreshOutcome::Forgiven => Err(AuthError::RefreshReused),
-        RefreshOutcome::Invalid => Err(AuthError::InvalidGrant),
+                audit(c, Some(&uid), "password_changed", &client2, None, now)?;
+                let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
+                Ok::<_, AuthError>((auth.token_pair(&uid, &sid, version, new), revoked, user))
+            })
+            .await?;
+        self.invalidate_user(&who.user_id).await;
+        self.invalidate_sessions(&revoked).await;
+        Ok((pair, user))
     }
-}
 
-pub async fn logout(state: &AppState, who: &Principal, client: &Client) -> Result<(), AuthError> {
-    let now = state.now_millis();
-    let sid = who.session_id.clone();
-    let uid = who.user_id.clone();
-    let client2 = client.clone();
-    state
-        .storage
-        .write(move |c| {
-            users::revoke_session(c, &sid, "logout", now)?;
-            audit(c, Some(&uid), "logout", &client2, None, now)?;
-            Ok::<_, AuthError>(())
-        })
-        .await?;
-    state
-        .auth
-        .invalidate_sessions(std::slice::from_ref(&who.session_id))
-        .await;
-    Ok(())
-}
-
-/// Ends every session and access token of the user at once.
-pub async fn logout_all(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-) -> Result<(), AuthError> {
-    let now = state.now_millis();
-    let uid = who.user_id.clone();
-    let client2 = client.clone();
-    let revoked = state
-        .storage
-        .write(move |c| {
-            users::bump_token_version(c, &uid, now)?;
-            let ids = users::revoke_user_sessions(c, &uid, None, "logout_all", now)?;
-            audit(c, Some(&uid), "logout_all", &client2, None, now)?;
-            Ok::<_, AuthError>(ids)
-        })
-        .await?;
-    state.auth.invalidate_user(&who.user_id).await;
-    state.auth.invalidate_sessions(&revoked).await;
-    Ok(())
-}
-
-/// Changes the password; every other session and every earlier access token stop
-/// working. Returns fresh tokens for the calling client (its session continues).
-pub async fn change_password(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-    current: String,
-    new: String,
-) -> Result<(TokenPair, UserRow), AuthError> {
-    validate_new_password(&new).map_err(AuthError::Invalid)?;
-    let uid = who.user_id.clone();
-    let sid = who.session_id.clone();
-    let (user, auth_time) = state
-        .storage
-        .read(move |c| {
-            let user = users::get_user(c, &uid)?;
-            Ok::<_, StorageError>((user, users::session_auth_time(c, &sid)?))
-        })
-        .await?;
-    let user = user.ok_or(AuthError::Unauthorized)?;
-    if user.password_hash.is_none() {
-        // No current password to prove: a first password needs a recent sign-in instead,
-        // so that a leaked or left-behind access token cannot take over the account.
-        let window = state.config.auth.step_up_window.as_millis() as i64;
-        if auth_time.is_none_or(|t| state.now_millis() - t > window) {
-            return Err(AuthError::StepUpRequired);
-        }
-    } else {
-        limit_ip(state, client, IP_CREDENTIALS)?;
-        let lockout = lockout_key(&user.email, client);
-        check_lockout(state, &lockout)?;
-        if !state
-            .auth
-            .hasher()
-            .verify(current, user.password_hash.clone())
-            .await?
+    /// Always succeeds (no account enumeration); mails a one-time link if the account exists.
+    ///
+    /// The answer depends on nothing that differs between known and unknown addresses: after
+    /// the in-memory limits it returns, and the lookup, token and mail are written in the
+    /// background (bounded, see [`super::Auth::try_background`]). At most one mail per
+    /// address per `auth.mail_interval`; later requests in it are answered the same and send
+    /// nothing. Its own buckets (per IP, per address) are not the sign-in ones, so a throttled
+    /// sign-in never closes recovery.
+    pub async fn request_password_reset(
+        &self,
+        client: &Client,
+        email: &str,
+    ) -> Result<(), AuthError> {
+        let Ok(email) = normalize_email(email) else {
+            return Ok(());
+        };
+        self.limit_ip(client, IP_CREDENTIALS)?;
+        if self
+            .mail_limiter()
+            .check(&format!("reset:{email}"))
+            .is_err()
         {
-            state.auth.backoff().failure(&lockout);
-            return Err(AuthError::InvalidCredentials);
+            return Ok(());
         }
-    }
-    let phc = state.auth.hasher().hash(new).await?;
-    let now = state.now_millis();
-    let ttl = state.config.auth.refresh_ttl.as_millis() as i64;
-    let auth = state.auth.clone();
-    let client2 = client.clone();
-    let uid = who.user_id.clone();
-    let sid = who.session_id.clone();
-    let (pair, revoked, user) = state
-        .storage
-        .write(move |c| {
-            sa::set_password(c, &uid, &phc, now)?;
-            // A reset link mailed before the change must not undo it.
-            sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
-            let version = users::bump_token_version(c, &uid, now)?;
-            let revoked =
-                users::revoke_user_sessions(c, &uid, Some(&sid), "password_changed", now)?;
-            // The calling client keeps its session but gets a new refresh token too.
-            let new = random_token();
-            let current = sa::current_refresh_hash(c, &sid)?.ok_or(AuthError::SessionRevoked)?;
-            sa::rotate_refresh(
-                c,
-                &sa::Rotation {
-                    session_id: &sid,
-                    old_hash: &current,
-                    new_hash: &hash_token(&new),
-                    expires_at: now + ttl,
-                    ip: client2.ip.as_deref(),
-                    user_agent: client2.user_agent.as_deref(),
-                },
-                now,
-            )?;
-            audit(c, Some(&uid), "password_changed", &client2, None, now)?;
-            let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
-            Ok::<_, AuthError>((auth.token_pair(&uid, &sid, version, new), revoked, user))
-        })
-        .await?;
-    state.auth.invalidate_user(&who.user_id).await;
-    state.auth.invalidate_sessions(&revoked).await;
-    Ok((pair, user))
-}
-
-/// Always succeeds (no account enumeration); mails a one-time link if the account exists.
-///
-/// The answer depends on nothing that differs between known and unknown addresses: after
-/// the in-memory limits it returns, and the lookup, token and mail are written in the
-/// background (bounded, see [`super::Auth::try_background`]). At most one mail per
-/// address per `auth.mail_interval`; later requests in it are answered the same and send
-/// nothing. Its own buckets (per IP, per address) are not the sign-in ones, so a throttled
-/// sign-in never closes recovery.
-pub async fn request_password_reset(
-    state: &AppState,
-    client: &Client,
-    email: &str,
-) -> Result<(), AuthError> {
-    let Ok(email) = normalize_email(email) else {
-        return Ok(());
-    };
-    limit_ip(state, client, IP_CREDENTIALS)?;
-    if state
-        .auth
-        .mail_limiter()
-        .check(&format!("reset:{email}"))
-        .is_err()
-    {
-        return Ok(());
-    }
-    let Some(permit) = state.auth.try_background() else {
-        tracing::warn!("too many password reset requests in flight; dropping one");
-        return Ok(());
-    };
-    let token = random_token();
-    let hash = hash_token(&token);
-    let link = format!("{}/#/reset?token={token}", state.config.public_base());
-    let now = state.now_millis();
-    let from = state.config.mail.from.clone();
-    let client2 = client.clone();
-    let st = state.clone();
-    state.tasks.spawn(async move {
+        let Some(permit) = self.try_background() else {
+            tracing::warn!("too many password reset requests in flight; dropping one");
+            return Ok(());
+        };
+        let token = random_token();
+        let hash = hash_token(&token);
+        let link = format!("{}/#/reset?token={token}", self.inner.public_base);
+        let now = self.now_millis();
+        let from = self.inner.mail_from.clone();
+        let client2 = client.clone();
+        let st = self.clone();
+        self.inner.tasks.spawn(async move {
         let _permit = permit;
-        let sent = st
-            .storage
+        let sent = st.inner.storage
             .write(move |c| {
                 let Some(user) = users::get_user_by_email(c, &email)? else {
                     return Ok::<_, AuthError>(false);
@@ -552,104 +561,76 @@ pub async fn request_password_reset(
             })
             .await;
         match sent {
-            Ok(true) => st.jobs.notify(super::mail::QUEUE),
+            Ok(true) => st.inner.wake_mail.wake(),
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e, "a password reset request was not recorded"),
         }
     });
-    Ok(())
-}
-
-const RESET_PURPOSE: &str = "password_reset";
-
-/// Sets a new password from a reset token; every session of the user is revoked.
-///
-/// The token is checked (a read) before the new password is hashed, so a made-up token
-/// costs no argon2; the write then consumes it for real (single use holds even if two
-/// requests raced past the check).
-pub async fn reset_password(
-    state: &AppState,
-    client: &Client,
-    token: &str,
-    new: String,
-) -> Result<(), AuthError> {
-    limit_ip(state, client, IP_CREDENTIALS)?;
-    if token.is_empty() || token.len() > 256 {
-        return Err(AuthError::InvalidGrant);
+        Ok(())
     }
-    validate_new_password(&new).map_err(AuthError::Invalid)?;
-    let hash = hash_token(token);
-    let now = state.now_millis();
-    let probe = hash.clone();
-    state
-        .storage
-        .read(move |c| sa::peek_one_time_token(c, &probe, RESET_PURPOSE, now))
-        .await?
-        .ok_or(AuthError::InvalidGrant)?;
-    let phc = state.auth.hasher().hash(new).await?;
-    let client2 = client.clone();
-    let from = state.config.mail.from.clone();
-    let (uid, revoked, mailed) = state
-        .storage
-        .write(move |c| apply_password_reset(c, &hash, &phc, &from, &client2, now))
-        .await?;
-    if mailed {
-        state.jobs.notify(super::mail::QUEUE);
-    }
-    state.auth.invalidate_user(&uid).await;
-    state.auth.invalidate_sessions(&revoked).await;
-    Ok(())
-}
 
-/// The write of a password reset: consumes the token, sets the password, uses up every
-/// other pending reset link of the user, drops identities linked while the address was
-/// unverified, revokes every session. Returns the user, the revoked sessions and whether
-/// a mail was queued.
-fn apply_password_reset(
-    c: &Conn,
-    token_hash: &[u8],
-    phc: &str,
-    from: &str,
-    client: &Client,
-    now: i64,
-) -> Result<(String, Vec<String>, bool), AuthError> {
-    let uid = sa::consume_one_time_token(c, token_hash, RESET_PURPOSE, now)?
-        .ok_or(AuthError::InvalidGrant)?;
-    sa::set_password(c, &uid, phc, now)?;
-    sa::use_up_one_time_tokens(c, &uid, RESET_PURPOSE, now)?;
-    // Receiving the mail proves the address, which drops identities linked before it.
-    sa::set_email_verified(c, &uid, now)?;
-    let mailed = drop_unverified_identities(c, &uid, from, client, now)?;
-    users::bump_token_version(c, &uid, now)?;
-    let revoked = users::revoke_user_sessions(c, &uid, None, "password_reset", now)?;
-    audit(c, Some(&uid), "password_reset", client, None, now)?;
-    Ok((uid, revoked, mailed))
-}
-
-/// Mails a verification link, at most once per `auth.mail_interval` (later requests in
-/// the interval succeed and send nothing).
-pub async fn request_verification(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-) -> Result<(), AuthError> {
-    limit_ip(state, client, IP_TOKENS)?;
-    if state
-        .auth
-        .mail_limiter()
-        .check(&format!("verify:{}", who.user_id))
-        .is_err()
-    {
-        return Ok(());
+    /// Sets a new password from a reset token; every session of the user is revoked.
+    ///
+    /// The token is checked (a read) before the new password is hashed, so a made-up token
+    /// costs no argon2; the write then consumes it for real (single use holds even if two
+    /// requests raced past the check).
+    pub async fn reset_password(
+        &self,
+        client: &Client,
+        token: &str,
+        new: String,
+    ) -> Result<(), AuthError> {
+        self.limit_ip(client, IP_CREDENTIALS)?;
+        if token.is_empty() || token.len() > 256 {
+            return Err(AuthError::InvalidGrant);
+        }
+        validate_new_password(&new).map_err(AuthError::Invalid)?;
+        let hash = hash_token(token);
+        let now = self.now_millis();
+        let probe = hash.clone();
+        self.inner
+            .storage
+            .read(move |c| sa::peek_one_time_token(c, &probe, RESET_PURPOSE, now))
+            .await?
+            .ok_or(AuthError::InvalidGrant)?;
+        let phc = self.hasher().hash(new).await?;
+        let client2 = client.clone();
+        let from = self.inner.mail_from.clone();
+        let (uid, revoked, mailed) = self
+            .inner
+            .storage
+            .write(move |c| apply_password_reset(c, &hash, &phc, &from, &client2, now))
+            .await?;
+        if mailed {
+            self.inner.wake_mail.wake();
+        }
+        self.invalidate_user(&uid).await;
+        self.invalidate_sessions(&revoked).await;
+        Ok(())
     }
-    let token = random_token();
-    let hash = hash_token(&token);
-    let link = format!("{}/#/verify?token={token}", state.config.public_base());
-    let now = state.now_millis();
-    let from = state.config.mail.from.clone();
-    let uid = who.user_id.clone();
-    let sent = state
-        .storage
+
+    /// Mails a verification link, at most once per `auth.mail_interval` (later requests in
+    /// the interval succeed and send nothing).
+    pub async fn request_verification(
+        &self,
+        who: &Principal,
+        client: &Client,
+    ) -> Result<(), AuthError> {
+        self.limit_ip(client, IP_TOKENS)?;
+        if self
+            .mail_limiter()
+            .check(&format!("verify:{}", who.user_id))
+            .is_err()
+        {
+            return Ok(());
+        }
+        let token = random_token();
+        let hash = hash_token(&token);
+        let link = format!("{}/#/verify?token={token}", self.inner.public_base);
+        let now = self.now_millis();
+        let from = self.inner.mail_from.clone();
+        let uid = who.user_id.clone();
+        let sent = self.inner.storage
         .write(move |c| {
             let user = users::get_user(c, &uid)?.ok_or(AuthError::Unauthorized)?;
             if user.email_verified {
@@ -669,111 +650,112 @@ pub async fn request_verification(
             Ok(true)
         })
         .await?;
-    if sent {
-        state.jobs.notify(super::mail::QUEUE);
+        if sent {
+            self.inner.wake_mail.wake();
+        }
+        Ok(())
     }
-    Ok(())
-}
 
-pub async fn verify_email(state: &AppState, client: &Client, token: &str) -> Result<(), AuthError> {
-    limit_ip(state, client, IP_TOKENS)?;
-    let hash = hash_token(token);
-    let now = state.now_millis();
-    let from = state.config.mail.from.clone();
-    let client2 = client.clone();
-    let (uid, revoked) = state
-        .storage
-        .write(move |c| {
-            let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
-                .ok_or(AuthError::InvalidGrant)?;
-            sa::set_email_verified(c, &uid, now)?;
-            // A session may have come from a removed identity: all of them end.
-            let revoked = if drop_unverified_identities(c, &uid, &from, &client2, now)? {
-                users::bump_token_version(c, &uid, now)?;
-                users::revoke_user_sessions(c, &uid, None, "identity_removed", now)?
-            } else {
-                Vec::new()
-            };
-            audit(c, Some(&uid), "email_verified", &client2, None, now)?;
-            Ok::<_, AuthError>((uid, revoked))
-        })
-        .await?;
-    if !revoked.is_empty() {
-        state.jobs.notify(super::mail::QUEUE);
+    pub async fn verify_email(&self, client: &Client, token: &str) -> Result<(), AuthError> {
+        self.limit_ip(client, IP_TOKENS)?;
+        let hash = hash_token(token);
+        let now = self.now_millis();
+        let from = self.inner.mail_from.clone();
+        let client2 = client.clone();
+        let (uid, revoked) = self
+            .inner
+            .storage
+            .write(move |c| {
+                let uid = sa::consume_one_time_token(c, &hash, "verify_email", now)?
+                    .ok_or(AuthError::InvalidGrant)?;
+                sa::set_email_verified(c, &uid, now)?;
+                // A session may have come from a removed identity: all of them end.
+                let revoked = if drop_unverified_identities(c, &uid, &from, &client2, now)? {
+                    users::bump_token_version(c, &uid, now)?;
+                    users::revoke_user_sessions(c, &uid, None, "identity_removed", now)?
+                } else {
+                    Vec::new()
+                };
+                audit(c, Some(&uid), "email_verified", &client2, None, now)?;
+                Ok::<_, AuthError>((uid, revoked))
+            })
+            .await?;
+        if !revoked.is_empty() {
+            self.inner.wake_mail.wake();
+        }
+        self.invalidate_user(&uid).await;
+        self.invalidate_sessions(&revoked).await;
+        Ok(())
     }
-    state.auth.invalidate_user(&uid).await;
-    state.auth.invalidate_sessions(&revoked).await;
-    Ok(())
-}
 
-/// While no admin exists: stores a new one-time setup token and returns it, for the
-/// start-up log (a restart replaces it). None once an admin exists.
-pub async fn prepare_admin_setup(state: &AppState) -> Result<Option<String>, StorageError> {
-    let token = random_token();
-    let hash = hex::encode(hash_token(&token));
-    let now = state.now_millis();
-    let stored = state
-        .storage
-        .write(move |c| users::prepare_admin_setup(c, &hash, now))
-        .await?;
-    Ok(stored.then_some(token))
-}
-
-/// `POST /api/v1/admin/claim`: the signed-in caller becomes the first admin with the
-/// setup token from the start-up log. The token works once, and only while no admin
-/// exists; otherwise `invalid_grant`.
-pub async fn claim_admin(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-    token: &str,
-) -> Result<(), AuthError> {
-    let hash = hex::encode(hash_token(token));
-    let now = state.now_millis();
-    let uid = who.user_id.clone();
-    let client = client.clone();
-    state
-        .storage
-        .write(move |c| {
-            if !users::claim_admin(c, &uid, &hash, now)? {
-                return Err(AuthError::InvalidGrant);
-            }
-            audit(c, Some(&uid), "admin_claimed", &client, None, now)?;
-            Ok::<_, AuthError>(())
-        })
-        .await?;
-    state.auth.invalidate_user(&who.user_id).await;
-    Ok(())
-}
-
-pub async fn revoke_session(
-    state: &AppState,
-    who: &Principal,
-    client: &Client,
-    session_id: &str,
-) -> Result<(), AuthError> {
-    let now = state.now_millis();
-    let sid = session_id.to_string();
-    let uid = who.user_id.clone();
-    let client2 = client.clone();
-    let found = state
-        .storage
-        .write(move |c| {
-            match users::session_live(c, &sid)? {
-                Some((owner, true)) if owner == uid => {}
-                _ => return Ok::<_, AuthError>(false),
-            }
-            users::revoke_session(c, &sid, "revoked_by_user", now)?;
-            audit(c, Some(&uid), "session_revoked", &client2, Some(&sid), now)?;
-            Ok(true)
-        })
-        .await?;
-    if !found {
-        return Err(AuthError::NotFound);
+    /// While no admin exists: stores a new one-time setup token and returns it, for the
+    /// start-up log (a restart replaces it). None once an admin exists.
+    pub async fn prepare_admin_setup(&self) -> Result<Option<String>, StorageError> {
+        let token = random_token();
+        let hash = hex::encode(hash_token(&token));
+        let now = self.now_millis();
+        let stored = self
+            .inner
+            .storage
+            .write(move |c| users::prepare_admin_setup(c, &hash, now))
+            .await?;
+        Ok(stored.then_some(token))
     }
-    state
-        .auth
-        .invalidate_sessions(&[session_id.to_string()])
-        .await;
-    Ok(())
+
+    /// `POST /api/v1/admin/claim`: the signed-in caller becomes the first admin with the
+    /// setup token from the start-up log. The token works once, and only while no admin
+    /// exists; otherwise `invalid_grant`.
+    pub async fn claim_admin(
+        &self,
+        who: &Principal,
+        client: &Client,
+        token: &str,
+    ) -> Result<(), AuthError> {
+        let hash = hex::encode(hash_token(token));
+        let now = self.now_millis();
+        let uid = who.user_id.clone();
+        let client = client.clone();
+        self.inner
+            .storage
+            .write(move |c| {
+                if !users::claim_admin(c, &uid, &hash, now)? {
+                    return Err(AuthError::InvalidGrant);
+                }
+                audit(c, Some(&uid), "admin_claimed", &client, None, now)?;
+                Ok::<_, AuthError>(())
+            })
+            .await?;
+        self.invalidate_user(&who.user_id).await;
+        Ok(())
+    }
+
+    pub async fn revoke_session(
+        &self,
+        who: &Principal,
+        client: &Client,
+        session_id: &str,
+    ) -> Result<(), AuthError> {
+        let now = self.now_millis();
+        let sid = session_id.to_string();
+        let uid = who.user_id.clone();
+        let client2 = client.clone();
+        let found = self
+            .inner
+            .storage
+            .write(move |c| {
+                match users::session_live(c, &sid)? {
+                    Some((owner, true)) if owner == uid => {}
+                    _ => return Ok::<_, AuthError>(false),
+                }
+                users::revoke_session(c, &sid, "revoked_by_user", now)?;
+                audit(c, Some(&uid), "session_revoked", &client2, Some(&sid), now)?;
+                Ok(true)
+            })
+            .await?;
+        if !found {
+            return Err(AuthError::NotFound);
+        }
+        self.invalidate_sessions(&[session_id.to_string()]).await;
+        Ok(())
+    }
 }
