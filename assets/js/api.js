@@ -1,16 +1,19 @@
 // The HTTP client and the signed-in session.
 //
 // Tokens: the access token lives in memory only (this module's variables); the refresh
-// token lives in localStorage so a reload keeps the user signed in. Refreshes happen ~60 s
-// before the access token expires and on a `token_expired` answer. Refresh tokens rotate
-// on every use and the server treats a second use as theft (`refresh_reused`, whole
-// session revoked), so every refresh - in this tab and across tabs - runs inside one Web
-// Lock and re-reads localStorage inside it: another tab may have rotated the token while
-// we waited. The tab that refreshed shares the new access token with the other tabs over a
-// BroadcastChannel (memory to memory), so N open tabs cost one rotation, not N.
+// token lives in IndexedDB (`tokens` below) so a reload keeps the user signed in.
+// Refreshes happen ~60 s before the access token expires and on a `token_expired` answer.
+// Refresh tokens rotate on every use and the server treats a second use as theft
+// (`refresh_reused`, whole session revoked), so every refresh - in this tab and across
+// tabs - runs inside one Web Lock and re-reads the stored token inside it: another tab may
+// have rotated the token while we waited. The tab that refreshed shares the new access
+// token with the other tabs over a BroadcastChannel (memory to memory), so N open tabs
+// cost one rotation, not N.
 // See docs/ui.md for the XSS/CSRF trade-off.
 
 const REFRESH_KEY = 'warpbase.refresh_token';
+const DB_NAME = 'warpbase';
+const DB_STORE = 'auth';
 const LOCK = 'warpbase-refresh';
 const EARLY_MS = 60_000;
 
@@ -61,6 +64,68 @@ async function problemOf(res) {
   }
 }
 
+/**
+ * Where the refresh token is kept: IndexedDB, not localStorage. Chromium hands a
+ * localStorage write to other tabs' processes asynchronously, so a tab that takes the
+ * refresh lock right after another tab rotated the token can still read the old one and
+ * present it: a reuse, which under the strict default revokes the whole session. An
+ * IndexedDB transaction that completed before the lock was released is seen by every
+ * transaction started after it was taken (one backend per origin, no per-tab cache).
+ * Where IndexedDB cannot be opened (some private modes) localStorage is the fallback.
+ */
+const tokens = (() => {
+  let opening = null;
+  function db() {
+    if (!opening) {
+      opening = new Promise((resolve) => {
+        try {
+          const req = indexedDB.open(DB_NAME, 1);
+          req.onupgradeneeded = () => req.result.createObjectStore(DB_STORE);
+          req.onsuccess = () => resolve(req.result);
+          req.onerror = () => resolve(null);
+          req.onblocked = () => resolve(null);
+        } catch {
+          resolve(null);
+        }
+      });
+    }
+    return opening;
+  }
+  // Runs one request in its own transaction; resolves when the transaction has committed.
+  async function run(mode, op) {
+    const d = await db();
+    if (!d) return { fallback: true };
+    return new Promise((resolve, reject) => {
+      const tx = d.transaction(DB_STORE, mode, { durability: 'strict' });
+      const req = op(tx.objectStore(DB_STORE));
+      tx.oncomplete = () => resolve({ value: req.result });
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    });
+  }
+  return {
+    async get() {
+      const r = await run('readonly', (st) => st.get(REFRESH_KEY));
+      if (r.fallback) return localStorage.getItem(REFRESH_KEY);
+      if (r.value != null) return r.value;
+      // Moved here from localStorage, where earlier builds kept it.
+      const legacy = localStorage.getItem(REFRESH_KEY);
+      if (!legacy) return null;
+      await this.set(legacy);
+      localStorage.removeItem(REFRESH_KEY);
+      return legacy;
+    },
+    async set(token) {
+      const r = await run('readwrite', (st) => st.put(token, REFRESH_KEY));
+      if (r.fallback) localStorage.setItem(REFRESH_KEY, token);
+    },
+    async clear() {
+      const r = await run('readwrite', (st) => st.delete(REFRESH_KEY));
+      if (r.fallback) localStorage.removeItem(REFRESH_KEY);
+    },
+  };
+})();
+
 function withLock(fn) {
   if (navigator.locks && navigator.locks.request) return navigator.locks.request(LOCK, fn);
   return fn(); // no Web Locks (plain http on a non-local host): this tab still serialises
@@ -72,11 +137,14 @@ function schedule(expiresInMs) {
   timer = setTimeout(() => { refresh().catch(() => {}); }, wait);
 }
 
-/** Takes a TokenPair: access token to memory, refresh token to localStorage. */
-function adopt(pair, { broadcast = true } = {}) {
+/**
+ * Takes a TokenPair: access token to memory, refresh token to storage. Resolves once the
+ * refresh token is stored, so a caller holding the lock releases it only after that.
+ */
+async function adopt(pair, { broadcast = true } = {}) {
+  if (pair.refresh_token) await tokens.set(pair.refresh_token);
   access = pair.access_token;
   accessExp = Date.now() + (pair.expires_in || 900) * 1000;
-  if (pair.refresh_token) localStorage.setItem(REFRESH_KEY, pair.refresh_token);
   schedule(accessExp - Date.now());
   const had = user;
   if (pair.user) user = pair.user;
@@ -100,18 +168,17 @@ channel?.addEventListener('message', (ev) => {
   }
 });
 
-// A tab that signs out removes the refresh token; follow it even without BroadcastChannel.
-addEventListener('storage', (ev) => {
-  if (ev.key === REFRESH_KEY && ev.newValue === null && user) localSignOut(null, false);
-});
-
-function localSignOut(reason, broadcast = true) {
+/**
+ * Signs this tab out. `forget: false` keeps the stored refresh token (it is newer than the
+ * one that failed: another tab signed in meanwhile).
+ */
+function localSignOut(reason, broadcast = true, { forget = true } = {}) {
   clearTimeout(timer);
   access = null;
   accessExp = 0;
   const was = user;
   user = null;
-  localStorage.removeItem(REFRESH_KEY);
+  if (forget) tokens.clear().catch(() => {});
   if (broadcast && channel) channel.postMessage({ type: 'signout', reason });
   if (was || reason) emit(reason || 'signed_out');
 }
@@ -123,11 +190,11 @@ function localSignOut(reason, broadcast = true) {
  */
 export function refresh() {
   if (inflight) return inflight;
-  const before = accessExp;
   inflight = withLock(async () => {
-    // Another tab refreshed while we waited for the lock and shared its access token.
-    if (accessExp > before && accessExp - Date.now() > EARLY_MS) return true;
-    const token = localStorage.getItem(REFRESH_KEY);
+    // Another tab refreshed (before or while we waited for the lock) and shared its access
+    // token. A token_expired answer zeroes accessExp first, so it always gets here.
+    if (access && accessExp - Date.now() > EARLY_MS) return true;
+    const token = await tokens.get();
     if (!token) {
       if (user) localSignOut('unauthorized');
       return false;
@@ -143,14 +210,14 @@ export function refresh() {
       throw new ApiError(0, { detail: 'The server cannot be reached. Check your connection.' });
     }
     if (res.ok) {
-      adopt(await res.json());
+      await adopt(await res.json());
       return true;
     }
     const p = await problemOf(res);
     if (res.status === 401 || res.status === 400) {
       // Only forget the token we presented; a newer one (login in another tab) stays.
-      if (localStorage.getItem(REFRESH_KEY) === token) localSignOut(p?.code || 'unauthorized');
-      else localSignOut(p?.code || 'unauthorized', false);
+      if ((await tokens.get()) === token) localSignOut(p?.code || 'unauthorized');
+      else localSignOut(p?.code || 'unauthorized', false, { forget: false });
       return false;
     }
     throw new ApiError(res.status, p);
@@ -207,7 +274,7 @@ export async function api(method, path, { body, raw, headers = {}, auth = true, 
 
 /** Reload: a stored refresh token becomes a signed-in session again. */
 export async function restore() {
-  if (!localStorage.getItem(REFRESH_KEY)) return null;
+  if (!(await tokens.get())) return null;
   const ok = await refresh();
   if (!ok) return null;
   if (!user) user = await api('GET', '/me');
@@ -228,7 +295,8 @@ async function signInWith(path, body) {
     accessExp = Date.now() + (pair.expires_in || 900) * 1000;
     pair.user = await api('GET', '/me');
   }
-  adopt(pair);
+  // Stored under the lock, so a refresh another tab starts next reads this token.
+  await withLock(() => adopt(pair));
   return pair.user;
 }
 
@@ -239,11 +307,11 @@ export const exchangeOAuthCode = (code) => signInWith('/auth/oauth/exchange', { 
 
 export async function changePassword(current_password, new_password) {
   const pair = await api('POST', '/auth/password', { body: { current_password, new_password } });
-  adopt({ ...pair, user: pair.user || user });
+  await withLock(() => adopt({ ...pair, user: pair.user || user }));
 }
 
 export async function logout() {
-  const token = localStorage.getItem(REFRESH_KEY);
+  const token = await tokens.get();
   try {
     if (access) await api('POST', '/auth/logout', { body: token ? { refresh_token: token } : {} });
   } catch { /* signing out locally is what matters */ }

@@ -16,6 +16,7 @@ use crate::http::{Json, Query, page_limit, time_cursor};
 use crate::state::AppState;
 use crate::storage::billing as sb;
 use crate::storage::jobs as q;
+use crate::storage::states::EventStatus;
 use crate::storage::users;
 
 /// The billing routes; the fake Stripe pages are served but not part of the API document.
@@ -208,7 +209,7 @@ async fn webhook(
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok());
     let p = state.billing.handle_webhook(&body, sig).await?;
-    if p.status == "applied" {
+    if p.status == EventStatus::Applied {
         // A payment-failure mail may have been enqueued with the change.
         state.jobs.notify(crate::auth::mail::QUEUE);
     }
@@ -225,14 +226,15 @@ async fn webhook(
 struct WebhookReceipt {
     duplicate: bool,
     received: bool,
-    status: String,
+    status: EventStatus,
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct EventsQuery {
-    #[param(value_type = Option<crate::openapi::EventStatus>)]
+    /// Only events with this processing status.
+    #[param(value_type = Option<EventStatus>)]
     status: Option<String>,
     /// Page size, default 50.
     #[param(minimum = 1, maximum = 100)]
@@ -252,22 +254,24 @@ async fn events(
     AdminUser(_admin): AdminUser,
     Query(qy): Query<EventsQuery>,
 ) -> ApiResult<Json<Value>> {
-    if let Some(s) = &qy.status
-        && !["applied", "ignored", "stale", "failed"].contains(&s.as_str())
-    {
-        return Err(ApiError::bad_request(
-            "status must be one of applied, ignored, stale, failed",
-        ));
-    }
+    // Parsed here rather than by serde so a bad value gets a message naming the choices.
+    let status = qy
+        .status
+        .as_deref()
+        .map(str::parse::<EventStatus>)
+        .transpose()
+        .map_err(|_| {
+            let all: Vec<&str> = EventStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad_request(format!("status must be one of {}", all.join(", ")))
+        })?;
     let limit = page_limit(qy.limit)?;
     let before = qy.cursor.as_deref().map(time_cursor).transpose()?;
-    let status = qy.status.clone();
     let mut rows = state
         .storage
         .read(move |c| {
             sb::list_events(
                 c,
-                status.as_deref(),
+                status,
                 before.as_ref().map(|(t, id)| (*t, id.as_str())),
                 limit + 1,
             )

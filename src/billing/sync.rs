@@ -100,7 +100,7 @@ impl Billing {
         }
         let p = self.process(event, text.into()).await?;
         // A duplicate answers with the status recorded the first time; it changed nothing.
-        Ok(!p.duplicate && p.status == "applied")
+        Ok(!p.duplicate && p.status == crate::storage::states::EventStatus::Applied)
     }
 }
 

@@ -14,6 +14,7 @@ use super::engine::{self, Decision, EngineCtx};
 use super::event::{Delivery, EventObject, StripeEvent};
 use super::{Billing, BillingError, parse_state};
 use crate::storage::billing::{self as sb, EventRecord, StateRow};
+use crate::storage::states::EventStatus;
 use crate::storage::users;
 use crate::storage::{Conn, StorageError};
 
@@ -31,8 +32,7 @@ pub trait ApplyFault: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Processed {
     pub duplicate: bool,
-    /// applied | ignored | stale | failed
-    pub status: String,
+    pub status: EventStatus,
     pub user_id: Option<String>,
 }
 
@@ -76,7 +76,7 @@ impl Billing {
                 .await;
                 let processed = Ok(Processed {
                     duplicate: false,
-                    status: "failed".into(),
+                    status: EventStatus::Failed,
                     user_id: None,
                 });
                 (envelope.event_type, processed)
@@ -84,12 +84,7 @@ impl Billing {
         };
         let outcome = match &processed {
             Ok(p) if p.duplicate => "duplicate",
-            Ok(p) => match p.status.as_str() {
-                "applied" => "applied",
-                "stale" => "stale",
-                "ignored" => "ignored",
-                _ => "failed",
-            },
+            Ok(p) => p.status.as_str(),
             Err(_) => "error",
         };
         metrics::counter!("stripe_events_total", "type" => ty, "outcome" => outcome).increment(1);
@@ -147,7 +142,7 @@ impl Billing {
             .write(move |c| {
                 // Never overwrite a success with a failure record.
                 match sb::event_status(c, &id)? {
-                    Some(s) if s != "failed" => return Ok(()),
+                    Some(s) if s != EventStatus::Failed => return Ok(()),
                     _ => {}
                 }
                 sb::record_event(
@@ -156,7 +151,7 @@ impl Billing {
                         id: &id,
                         event_type: &ty,
                         created,
-                        status: "failed",
+                        status: EventStatus::Failed,
                         reason: Some(&reason),
                         user_id: None,
                         payload: &raw,
@@ -182,7 +177,7 @@ impl Billing {
     ) -> Result<Processed, BillingError> {
         if !replay
             && let Some(status) = sb::event_status(c, &event.id)?
-            && status != "failed"
+            && status != EventStatus::Failed
         {
             return Ok(Processed {
                 duplicate: true,
@@ -211,7 +206,7 @@ impl Billing {
         }
         Ok(Processed {
             duplicate: false,
-            status: status.to_string(),
+            status,
             user_id,
         })
     }
@@ -222,11 +217,11 @@ impl Billing {
         c: &Conn,
         event: &StripeEvent,
         now_ms: i64,
-    ) -> Result<(&'static str, Option<String>, Option<String>), BillingError> {
+    ) -> Result<(EventStatus, Option<String>, Option<String>), BillingError> {
         if let Some(link) = engine::link_from_checkout(event) {
             if users::get_user(c, &link.user_id)?.is_none() {
                 return Ok((
-                    "ignored",
+                    EventStatus::Ignored,
                     Some("client_reference_id is not a user of this instance".into()),
                     None,
                 ));
@@ -237,7 +232,7 @@ impl Billing {
                 state.customer_id = Some(link.customer_id.clone());
                 self.save(c, &link.user_id, &state, now_ms)?;
             }
-            return Ok(("applied", None, Some(link.user_id)));
+            return Ok((EventStatus::Applied, None, Some(link.user_id)));
         }
         let Some(user_id) = self.user_for_event(c, event)? else {
             let reason = match &event.object {
@@ -246,7 +241,7 @@ impl Billing {
                 }
                 _ => "no user of this instance has this customer".to_string(),
             };
-            return Ok(("ignored", Some(reason), None));
+            return Ok((EventStatus::Ignored, Some(reason), None));
         };
         let mut state = parse_state(sb::load_state(c, &user_id)?.as_deref());
         if state.customer_id.is_none() {
@@ -264,10 +259,10 @@ impl Billing {
                 if event.event_type == super::event::INVOICE_PAYMENT_FAILED {
                     self.payment_failed_mail(c, &user_id, &next, now_ms)?;
                 }
-                Ok(("applied", None, Some(user_id)))
+                Ok((EventStatus::Applied, None, Some(user_id)))
             }
-            Decision::Stale(reason) => Ok(("stale", Some(reason), Some(user_id))),
-            Decision::Ignored(reason) => Ok(("ignored", Some(reason), Some(user_id))),
+            Decision::Stale(reason) => Ok((EventStatus::Stale, Some(reason), Some(user_id))),
+            Decision::Ignored(reason) => Ok((EventStatus::Ignored, Some(reason), Some(user_id))),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::states::EventStatus;
 use super::{Millis, StorageError};
 
 pub fn customer_of_user(conn: &Connection, user_id: &str) -> Result<Option<String>, StorageError> {
@@ -94,7 +95,7 @@ pub fn user_of_subscription(
 }
 
 /// The processing status of an event id, if it was received before.
-pub fn event_status(conn: &Connection, id: &str) -> Result<Option<String>, StorageError> {
+pub fn event_status(conn: &Connection, id: &str) -> Result<Option<EventStatus>, StorageError> {
     Ok(conn
         .prepare_cached("SELECT status FROM stripe_events WHERE id = ?1")?
         .query_row([id], |r| r.get(0))
@@ -105,7 +106,7 @@ pub struct EventRecord<'a> {
     pub id: &'a str,
     pub event_type: &'a str,
     pub created: i64,
-    pub status: &'a str,
+    pub status: EventStatus,
     pub reason: Option<&'a str>,
     pub user_id: Option<&'a str>,
     pub payload: &'a str,
@@ -136,7 +137,7 @@ pub struct EventRow {
     pub id: String,
     pub event_type: String,
     pub created: i64,
-    pub status: String,
+    pub status: EventStatus,
     pub reason: Option<String>,
     pub user_id: Option<String>,
     pub payload: String,
@@ -176,7 +177,7 @@ pub fn get_event(conn: &Connection, id: &str) -> Result<Option<EventRow>, Storag
 /// Newest first; `before` is `(received_at, id)` of the last item of the previous page.
 pub fn list_events(
     conn: &Connection,
-    status: Option<&str>,
+    status: Option<EventStatus>,
     before: Option<(Millis, &str)>,
     limit: u32,
 ) -> Result<Vec<EventRow>, StorageError> {
@@ -410,7 +411,7 @@ mod tests {
         conn
     }
 
-    fn event<'a>(id: &'a str, status: &'a str) -> EventRecord<'a> {
+    fn event(id: &str, status: EventStatus) -> EventRecord<'_> {
         EventRecord {
             id,
             event_type: "invoice.paid",
@@ -436,14 +437,18 @@ mod tests {
                 (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
             );
             let (status, reason, user) = match i % 4 {
-                0 => ("applied", None, Some("usr_1")),
+                0 => (EventStatus::Applied, None, Some("usr_1")),
                 1 => (
-                    "ignored",
+                    EventStatus::Ignored,
                     Some("no user of this instance has this customer"),
                     None,
                 ),
-                2 => ("stale", Some("older than the state"), Some("usr_2")),
-                _ => ("failed", Some("boom"), None),
+                2 => (
+                    EventStatus::Stale,
+                    Some("older than the state"),
+                    Some("usr_2"),
+                ),
+                _ => (EventStatus::Failed, Some("boom"), None),
             };
             let payload = format!(r#"{{"id":"{id}","pad":"{}"}}"#, "x".repeat(i * 7));
             let rec = EventRecord {
@@ -494,16 +499,16 @@ mod tests {
         // ... and the pipeline's upsert updates the one row instead of adding one.
         assert_eq!(
             event_status(&conn, &known_id).expect("status"),
-            Some(known_status)
+            Some(known_status.parse().expect("a known status"))
         );
-        record_event(&conn, &event(&known_id, "applied"), 3_000).expect("upsert");
+        record_event(&conn, &event(&known_id, EventStatus::Applied), 3_000).expect("upsert");
         let after = all_rows(&conn);
         assert_eq!(after.len(), n);
         let row = after.iter().find(|r| r.0 == known_id).expect("row");
         assert_eq!((row.3.as_str(), row.9), ("applied", before[0].9 + 1));
 
         // New events append after the copied ones.
-        record_event(&conn, &event("evt_new", "ignored"), 4_000).expect("new");
+        record_event(&conn, &event("evt_new", EventStatus::Ignored), 4_000).expect("new");
         let rowid: i64 = conn
             .query_row(
                 "SELECT rowid FROM stripe_events WHERE id = 'evt_new'",
@@ -523,10 +528,14 @@ mod tests {
             .map(|i| format!("evt_{:02}", (i * 7) % 23))
             .collect();
         for (i, id) in ids.iter().enumerate() {
-            let status = if i % 3 == 0 { "failed" } else { "applied" };
+            let status = if i % 3 == 0 {
+                EventStatus::Failed
+            } else {
+                EventStatus::Applied
+            };
             record_event(&conn, &event(id, status), 100 + (i as i64 / 4)).expect("insert");
         }
-        for status in [None, Some("failed")] {
+        for status in [None, Some(EventStatus::Failed)] {
             let mut seen: Vec<(Millis, String)> = Vec::new();
             let mut cursor: Option<(Millis, String)> = None;
             loop {

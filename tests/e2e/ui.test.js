@@ -92,6 +92,24 @@ async function until(fn, { timeout = 15_000, what = 'condition', every = 100 } =
   }
 }
 
+/** The refresh token the UI keeps (IndexedDB `warpbase`/`auth`), or null. */
+function storedRefresh(p = page) {
+  return p.evaluate(() => new Promise((resolve, reject) => {
+    const req = indexedDB.open('warpbase', 1);
+    req.onupgradeneeded = () => req.result.createObjectStore('auth');
+    req.onerror = () => reject(req.error);
+    req.onsuccess = () => {
+      const get = req.result.transaction('auth').objectStore('auth').get('warpbase.refresh_token');
+      get.onsuccess = () => { req.result.close(); resolve(get.result ?? null); };
+      get.onerror = () => reject(get.error);
+    };
+  }));
+}
+
+async function noStoredRefresh(what) {
+  await until(async () => (await storedRefresh()) === null, { what });
+}
+
 async function shot(name, p = page) {
   shotNo += 1;
   const file = join(ARTIFACTS, `${String(shotNo).padStart(2, '0')}-${name}.png`);
@@ -335,25 +353,37 @@ test('step 1: register a new account and claim admin with the setup token', asyn
   await shot('dashboard-empty');
 });
 
-test('reload keeps the session: refresh token in localStorage, access token only in memory', async () => {
-  const stored = await page.evaluate(() => ({ ...localStorage }));
-  assert.deepEqual(Object.keys(stored), ['warpbase.refresh_token']);
+test('reload keeps the session: refresh token in IndexedDB, access token only in memory', async () => {
+  const stored = await storedRefresh();
+  assert.ok(stored && !stored.startsWith('eyJ'), 'an opaque refresh token is stored');
   await page.reload();
   await page.locator('h1', { hasText: 'Jobs' }).waitFor();
-  const after = await page.evaluate(() => ({ local: { ...localStorage }, session: { ...sessionStorage } }));
-  assert.notEqual(after.local['warpbase.refresh_token'], stored['warpbase.refresh_token'], 'the refresh token rotated');
-  const all = JSON.stringify(after);
-  assert.doesNotMatch(all, /eyJ[\w-]+\.eyJ/, 'no JWT access token in web storage');
+  const after = await storedRefresh();
+  assert.ok(after && after !== stored, 'the refresh token rotated');
+  const web = await page.evaluate(() => JSON.stringify({ local: { ...localStorage }, session: { ...sessionStorage } }));
+  assert.doesNotMatch(web, /eyJ[\w-]+\.eyJ/, 'no JWT access token in web storage');
+  assert.doesNotMatch(web, /refresh_token/, 'the refresh token is not in localStorage or sessionStorage');
 });
 
 test('two tabs restoring at once share one refresh lock and never trip reuse detection', async () => {
   const refreshes = [];
   const onReq = (r) => { if (r.url().endsWith('/api/v1/auth/refresh')) refreshes.push(r.url()); };
+  // What each refresh got, for the failure message: a reuse shows up as 401 refresh_reused.
+  const answers = [];
+  const onRes = (r) => {
+    if (!r.url().endsWith('/api/v1/auth/refresh')) return;
+    r.text().then((b) => answers.push(`${r.status()} ${r.ok() ? '' : b}`), () => answers.push(`${r.status()}`));
+  };
   context.on('request', onReq);
+  context.on('response', onRes);
   const page2 = await context.newPage();
   try {
     await Promise.all([page.reload(), page2.goto(`${BASE}/#/`)]);
-    for (const p of [page, page2]) await p.locator('h1', { hasText: 'Jobs' }).waitFor();
+    for (const p of [page, page2]) {
+      await p.locator('h1', { hasText: 'Jobs' }).waitFor().catch((e) => {
+        throw new Error(`${e.message}\nrefresh answers: ${JSON.stringify(answers)}`);
+      });
+    }
     assert.equal(await page2.locator('.who .email').textContent(), EMAIL);
     assert.ok(refreshes.length >= 1 && refreshes.length <= 2, `refreshes: ${refreshes.length}`);
     // Both tabs stay usable: each can still call the API after the rotation(s).
@@ -363,6 +393,7 @@ test('two tabs restoring at once share one refresh lock and never trip reuse det
     await page.locator('article.plan[data-plan="pro"]').waitFor();
   } finally {
     context.off('request', onReq);
+    context.off('response', onRes);
     await page2.close();
   }
   await go('');
@@ -623,7 +654,7 @@ test('a revoked session (logout-all elsewhere) returns to sign-in with a message
   await go('billing').catch(() => {});
   await page.locator('h1', { hasText: 'Sign in' }).waitFor();
   await page.getByText('Your session was ended').waitFor();
-  assert.equal(await page.evaluate(() => localStorage.getItem('warpbase.refresh_token')), null);
+  await noStoredRefresh('the revoked refresh token to be forgotten');
   await shot('signin-after-revoked');
 });
 
@@ -642,7 +673,7 @@ test('sign in with email and password, then sign out everywhere', async (t) => {
   await go('account');
   await page.getByRole('button', { name: 'Sign out everywhere' }).click();
   await page.getByText('You were signed out on every device.').waitFor();
-  assert.equal(await page.evaluate(() => localStorage.getItem('warpbase.refresh_token')), null);
+  await noStoredRefresh('the refresh token to be forgotten at sign-out');
 });
 
 test('no uncaught script errors and no CSP violations on any page', () => {

@@ -488,9 +488,28 @@ async fn retention_purges_what_nobody_needs_and_keeps_the_rest() {
     })
     .await;
     seed_retention_rows(&app, &user.id).await;
-    let sessions = eventually(T, "old sessions to be purged", || async {
-        let s = ids(&app, "SELECT id FROM sessions ORDER BY id").await;
-        (!s.iter().any(|id| id.ends_with("_old"))).then_some(s)
+    // One retention run purges table by table (separate writes), so wait until the run
+    // has reached every table, then check what it kept.
+    let (sessions, history, audit, events) = eventually(T, "old rows to be purged", || async {
+        let sessions = ids(&app, "SELECT id FROM sessions ORDER BY id").await;
+        let history = ids(
+            &app,
+            "SELECT CAST(hash AS TEXT) FROM refresh_history ORDER BY 1",
+        )
+        .await;
+        let audit = ids(
+            &app,
+            "SELECT event FROM audit_log WHERE event LIKE 'retention_%'",
+        )
+        .await;
+        let events = ids(&app, "SELECT id FROM stripe_events ORDER BY id").await;
+        let done = !sessions.iter().any(|id| id.ends_with("_old"))
+            && !history.iter().any(|h| h == "old")
+            && !audit.iter().any(|e| e == "retention_old")
+            && !events
+                .iter()
+                .any(|e| e == "evt_old_applied" || e == "evt_old_ignored");
+        done.then_some((sessions, history, audit, events))
     })
     .await;
     assert!(sessions.contains(&"s_live".to_string()), "{sessions:?}");
@@ -498,19 +517,8 @@ async fn retention_purges_what_nobody_needs_and_keeps_the_rest() {
         sessions.contains(&"s_revoked_recent".to_string()),
         "{sessions:?}"
     );
-    let history = ids(
-        &app,
-        "SELECT CAST(hash AS TEXT) FROM refresh_history ORDER BY 1",
-    )
-    .await;
     assert_eq!(history, ["new"]);
-    let audit = ids(
-        &app,
-        "SELECT event FROM audit_log WHERE event LIKE 'retention_%'",
-    )
-    .await;
     assert_eq!(audit, ["retention_new"]);
-    let events = ids(&app, "SELECT id FROM stripe_events ORDER BY id").await;
     assert_eq!(
         events,
         ["evt_old_failed", "evt_recent"],
