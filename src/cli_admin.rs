@@ -65,7 +65,7 @@ pub fn jobs_dead(
                         c,
                         &storage::jobs::ListFilter {
                             user_id: None,
-                            status: Some("dead"),
+                            status: Some(storage::states::JobStatus::Dead),
                             kind: None,
                             before_id: None,
                             limit: 1000,

@@ -25,6 +25,7 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 use super::frame;
+use crate::storage::states::JobStatus;
 
 /// Events kept per job for `Last-Event-ID` resume.
 const RING: usize = 256;
@@ -41,7 +42,7 @@ pub const USER_RESUME_GRACE: Duration = Duration::from_secs(120);
 pub enum JobEventKind {
     State {
         id: String,
-        status: String,
+        status: JobStatus,
         attempt: u32,
     },
     Progress {
@@ -51,7 +52,7 @@ pub enum JobEventKind {
     },
     Done {
         id: String,
-        status: String,
+        status: JobStatus,
         result: Option<Value>,
         error: Option<String>,
     },
@@ -391,7 +392,7 @@ pub(crate) mod tests {
             Some("u"),
             JobEventKind::State {
                 id: "j".into(),
-                status: "running".into(),
+                status: JobStatus::Running,
                 attempt: 2,
             },
         );
@@ -414,7 +415,7 @@ pub(crate) mod tests {
             Some("u"),
             JobEventKind::Done {
                 id: "j".into(),
-                status: "succeeded".into(),
+                status: JobStatus::Succeeded,
                 result: Some(serde_json::json!({"n": 1})),
                 error: None,
             },
@@ -506,7 +507,7 @@ pub(crate) mod tests {
             None,
             JobEventKind::Done {
                 id: "j".into(),
-                status: "succeeded".into(),
+                status: JobStatus::Succeeded,
                 result: None,
                 error: None,
             },

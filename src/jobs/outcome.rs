@@ -11,6 +11,7 @@ use rand::Rng;
 
 use super::JobFailure;
 use super::backoff::retry_delay;
+use crate::storage::states::JobStatus;
 
 /// The backoff inputs of a retry (`jobs.backoff_base`, `jobs.backoff_cap`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,12 +38,12 @@ pub enum Decision {
 
 impl Decision {
     /// The job's new `status`.
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> JobStatus {
         match self {
-            Decision::Succeeded => "succeeded",
-            Decision::Canceled => "canceled",
-            Decision::Retry { .. } => "retrying",
-            Decision::Dead { .. } => "dead",
+            Decision::Succeeded => JobStatus::Succeeded,
+            Decision::Canceled => JobStatus::Canceled,
+            Decision::Retry { .. } => JobStatus::Retrying,
+            Decision::Dead { .. } => JobStatus::Dead,
         }
     }
 
@@ -134,7 +135,7 @@ mod tests {
         for (failure, attempt, max, status, label) in cases {
             let d = decide(failure.as_ref(), attempt, max, NOW, B, &mut rng);
             assert_eq!(
-                (d.status(), d.label()),
+                (d.status().as_str(), d.label()),
                 (status, label),
                 "{failure:?} at attempt {attempt} of {max}"
             );

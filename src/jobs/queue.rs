@@ -11,6 +11,7 @@ use crate::config::SYSTEM_QUEUE;
 use crate::state::AppState;
 use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, JobRow, NewJob};
+use crate::storage::states::JobStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -169,7 +170,7 @@ pub async fn submit(
                 user_id: Some(user_id),
                 kind,
                 queue: q2,
-                status: "queued".into(),
+                status: JobStatus::Queued,
                 priority,
                 payload,
                 result: None,
@@ -248,8 +249,8 @@ pub async fn cancel(state: &AppState, who: &Principal, id: &str) -> Result<JobRo
     let row = get_visible(state, who, id).await?;
     let now = state.now_millis();
     let jid = row.id.clone();
-    match row.status.as_str() {
-        "queued" | "retrying" => {
+    match row.status {
+        JobStatus::Queued | JobStatus::Retrying => {
             let done = state
                 .storage
                 .write(move |c| q::cancel_waiting(c, &jid, now))
@@ -263,7 +264,7 @@ pub async fn cancel(state: &AppState, who: &Principal, id: &str) -> Result<JobRo
                 None => Box::pin(cancel(state, who, id)).await,
             }
         }
-        "running" => {
+        JobStatus::Running => {
             state
                 .storage
                 .write(move |c| q::request_cancel(c, &jid, now))
@@ -289,11 +290,11 @@ pub async fn retry(state: &AppState, who: &Principal, id: &str) -> Result<JobRow
         Some(u) => Some((u.clone(), state.billing.entitlement(u).await)),
         None => None,
     };
-    let status = row.status.clone();
+    let status = row.status;
     let updated = state
         .storage
         .write(move |c| {
-            if status != "dead" && status != "canceled" {
+            if status != JobStatus::Dead && status != JobStatus::Canceled {
                 // Checked again by the UPDATE; this only keeps the answer a 409, not a 402.
                 return Ok(None);
             }
@@ -345,8 +346,7 @@ pub struct JobView {
     pub id: String,
     pub kind: String,
     pub queue: String,
-    #[schema(value_type = crate::openapi::JobStatus)]
-    pub status: String,
+    pub status: JobStatus,
     pub priority: i64,
     pub attempt: u32,
     pub max_attempts: u32,

@@ -20,7 +20,8 @@ use crate::auth::{AdminUser, AuthError, AuthUser, Grant};
 use crate::error::{ApiError, ApiResult};
 use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
-use crate::storage::jobs::{self as q, STATUSES};
+use crate::storage::jobs as q;
+use crate::storage::states::JobStatus;
 
 /// The jobs routes; each handler's `#[utoipa::path]` is its entry in the API document.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -74,7 +75,8 @@ async fn submit(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 struct ListQuery {
-    #[param(value_type = Option<crate::openapi::JobStatus>)]
+    /// Only jobs with this status.
+    #[param(value_type = Option<JobStatus>)]
     status: Option<String>,
     kind: Option<String>,
     /// Page size, default 50.
@@ -109,14 +111,16 @@ async fn list_jobs(
     user: Option<String>,
     qy: ListQuery,
 ) -> ApiResult<Json<serde_json::Value>> {
-    if let Some(s) = &qy.status
-        && !STATUSES.contains(&s.as_str())
-    {
-        return Err(ApiError::bad_request(format!(
-            "status must be one of {}",
-            STATUSES.join(", ")
-        )));
-    }
+    // Parsed here rather than by serde so a bad value gets a message naming the choices.
+    let status = qy
+        .status
+        .as_deref()
+        .map(str::parse::<JobStatus>)
+        .transpose()
+        .map_err(|_| {
+            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::bad_request(format!("status must be one of {}", all.join(", ")))
+        })?;
     let limit = page_limit(qy.limit)?;
     let rows = state
         .storage
@@ -125,7 +129,7 @@ async fn list_jobs(
                 c,
                 &q::ListFilter {
                     user_id: user.as_deref(),
-                    status: qy.status.as_deref(),
+                    status,
                     kind: qy.kind.as_deref(),
                     before_id: qy.cursor.as_deref(),
                     limit: limit + 1,

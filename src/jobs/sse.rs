@@ -42,6 +42,7 @@ use super::hub::{JobEvent, JobEventKind};
 use crate::auth::Grant;
 use crate::state::AppState;
 use crate::storage::jobs::{self as q, JobRow};
+use crate::storage::states::JobStatus;
 
 /// A `: keepalive` comment goes out after this long without any other write.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -290,7 +291,7 @@ async fn job_snapshot(state: &AppState, job_id: &str) -> Option<(u64, Bytes, boo
         .ok()
         .flatten()?;
     let frames = snapshot_frames(&row, format_args!("{seq}"));
-    Some((seq, frames, !is_terminal(&row.status)))
+    Some((seq, frames, !row.status.is_terminal()))
 }
 
 /// The state of the user's unfinished jobs, one chunk of frames per job.
@@ -300,7 +301,7 @@ async fn active_snapshot(state: &AppState, user_id: &str) -> Vec<Bytes> {
         .storage
         .read(move |c| {
             let mut rows = Vec::new();
-            for status in ["running", "queued", "retrying"] {
+            for status in [JobStatus::Running, JobStatus::Queued, JobStatus::Retrying] {
                 rows.extend(q::list(
                     c,
                     &q::ListFilter {
@@ -337,7 +338,7 @@ fn snapshot(row: &JobRow) -> Vec<JobEventKind> {
     let mut v = vec![
         JobEventKind::State {
             id: row.id.clone(),
-            status: row.status.clone(),
+            status: row.status,
             attempt: row.attempt,
         },
         JobEventKind::Progress {
@@ -346,10 +347,10 @@ fn snapshot(row: &JobRow) -> Vec<JobEventKind> {
             message: row.progress_msg.clone().unwrap_or_default(),
         },
     ];
-    if is_terminal(&row.status) {
+    if row.status.is_terminal() {
         v.push(JobEventKind::Done {
             id: row.id.clone(),
-            status: row.status.clone(),
+            status: row.status,
             result: row
                 .result
                 .as_deref()
@@ -358,10 +359,6 @@ fn snapshot(row: &JobRow) -> Vec<JobEventKind> {
         });
     }
     v
-}
-
-fn is_terminal(status: &str) -> bool {
-    matches!(status, "succeeded" | "dead" | "canceled")
 }
 
 /// Which frame of an event a stream sends, and which events it has already sent.
@@ -542,7 +539,7 @@ mod tests {
     fn done() -> JobEventKind {
         JobEventKind::Done {
             id: "j".into(),
-            status: "succeeded".into(),
+            status: JobStatus::Succeeded,
             result: None,
             error: None,
         }

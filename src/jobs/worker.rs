@@ -16,6 +16,7 @@ use super::{JobContext, JobFailure, Progress, Running};
 use crate::state::AppState;
 use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, Finish, JobRow};
+use crate::storage::states::JobStatus;
 
 /// How long an attempt may keep running after its timeout or cancel signal before it is
 /// abandoned (its handler future dropped, child processes killed).
@@ -208,7 +209,7 @@ async fn run_attempt(
         row.user_id.as_deref(),
         JobEventKind::State {
             id: row.id.clone(),
-            status: "running".into(),
+            status: JobStatus::Running,
             attempt: row.attempt,
         },
     );
@@ -411,7 +412,7 @@ struct Record {
     attempt: u32,
     user_id: Option<String>,
     started_at: i64,
-    status: &'static str,
+    status: JobStatus,
     result: Option<String>,
     error: Option<String>,
     retry_at: i64,
@@ -489,7 +490,7 @@ impl Record {
         billing: &crate::billing::Billing,
         now: i64,
     ) -> Result<(), StorageError> {
-        if self.status == "succeeded"
+        if self.status == JobStatus::Succeeded
             && self.billable
             && let Some(uid) = &self.user_id
         {
@@ -500,13 +501,13 @@ impl Record {
 
     fn end(&self) -> q::AttemptEnd<'_> {
         let how = match self.status {
-            "succeeded" => Finish::Succeeded {
+            JobStatus::Succeeded => Finish::Succeeded {
                 result: self.result.as_deref().unwrap_or("null"),
             },
-            "canceled" => Finish::Canceled {
+            JobStatus::Canceled => Finish::Canceled {
                 error: self.error.as_deref(),
             },
-            "retrying" => Finish::Retry {
+            JobStatus::Retrying => Finish::Retry {
                 error: self.error.as_deref().unwrap_or(""),
                 run_at: self.retry_at,
                 outcome: self.outcome,
@@ -605,7 +606,7 @@ async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunC
         counters.get(&e.row.kind, r.outcome).increment(1);
         match changed {
             Ok(true) => {
-                retrying |= r.status == "retrying";
+                retrying |= r.status == JobStatus::Retrying;
                 let result = match &mut e.outcome {
                     Ok(v) => Some(std::mem::take(v)),
                     Err(_) => None,
@@ -670,7 +671,7 @@ pub fn publish_outcome(state: &AppState, row: &JobRow) {
         state,
         &row.id,
         row.user_id.as_deref(),
-        &row.status,
+        row.status,
         row.attempt,
         result,
         row.error.clone(),
@@ -682,7 +683,7 @@ fn publish_state(
     state: &AppState,
     id: &str,
     user_id: Option<&str>,
-    status: &str,
+    status: JobStatus,
     attempt: u32,
     result: Option<Value>,
     error: Option<String>,
@@ -693,17 +694,17 @@ fn publish_state(
         user_id,
         JobEventKind::State {
             id: id.to_string(),
-            status: status.to_string(),
+            status,
             attempt,
         },
     );
-    if matches!(status, "succeeded" | "dead" | "canceled") {
+    if status.is_terminal() {
         hub.publish(
             id,
             user_id,
             JobEventKind::Done {
                 id: id.to_string(),
-                status: status.to_string(),
+                status,
                 result,
                 error,
             },
@@ -844,8 +845,11 @@ fn gauge_values(
         .iter()
         .flat_map(|queue| {
             q::STATUSES.iter().map(|status| {
-                let n = found.get(&(queue.as_str(), *status)).copied().unwrap_or(0);
-                (queue.clone(), *status, n)
+                let n = found
+                    .get(&(queue.as_str(), status.as_str()))
+                    .copied()
+                    .unwrap_or(0);
+                (queue.clone(), status.as_str(), n)
             })
         })
         .collect()

@@ -6,6 +6,7 @@ use std::ops::ControlFlow;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::states::JobStatus;
 use super::{Millis, StorageError};
 
 /// A job to enqueue. `user_id` None marks an internal job (mail, usage reports).
@@ -25,14 +26,7 @@ pub struct NewJob<'a> {
 }
 
 /// Every status a job can have (the `status` column's values).
-pub const STATUSES: [&str; 6] = [
-    "queued",
-    "running",
-    "retrying",
-    "succeeded",
-    "dead",
-    "canceled",
-];
+pub const STATUSES: &[JobStatus] = JobStatus::ALL;
 
 /// Inserts a queued job. Use inside the same write as the change that caused it, so the
 /// job exists if and only if that change committed.
@@ -64,7 +58,7 @@ pub struct JobRow {
     pub user_id: Option<String>,
     pub kind: String,
     pub queue: String,
-    pub status: String,
+    pub status: JobStatus,
     pub priority: i64,
     pub payload: String,
     pub result: Option<String>,
@@ -496,7 +490,7 @@ pub enum Finish<'a> {
 
 /// The column values a [`Finish`] writes.
 struct Columns<'a> {
-    status: &'static str,
+    status: JobStatus,
     result: Option<&'a str>,
     error: Option<&'a str>,
     run_at: Option<Millis>,
@@ -507,7 +501,7 @@ struct Columns<'a> {
 impl<'a> Finish<'a> {
     fn columns(&self) -> Columns<'a> {
         let base = Columns {
-            status: "",
+            status: JobStatus::Dead,
             result: None,
             error: None,
             run_at: None,
@@ -516,7 +510,7 @@ impl<'a> Finish<'a> {
         };
         match *self {
             Finish::Succeeded { result } => Columns {
-                status: "succeeded",
+                status: JobStatus::Succeeded,
                 result: Some(result),
                 outcome: "succeeded",
                 pct: Some(100),
@@ -527,20 +521,20 @@ impl<'a> Finish<'a> {
                 run_at,
                 outcome,
             } => Columns {
-                status: "retrying",
+                status: JobStatus::Retrying,
                 error: Some(error),
                 run_at: Some(run_at),
                 outcome,
                 ..base
             },
             Finish::Dead { error, outcome } => Columns {
-                status: "dead",
+                status: JobStatus::Dead,
                 error: Some(error),
                 outcome,
                 ..base
             },
             Finish::Canceled { error } => Columns {
-                status: "canceled",
+                status: JobStatus::Canceled,
                 error,
                 outcome: "canceled",
                 ..base
@@ -569,7 +563,7 @@ pub fn finish(
         outcome,
         pct,
     } = how.columns();
-    let terminal = status != "retrying";
+    let terminal = status.is_terminal();
     let pct = pct.or(progress.map(|(p, _)| i64::from(p)));
     let msg = progress.map(|(_, m)| m);
     let changed =
@@ -631,14 +625,14 @@ pub fn finish_many(
             values.extend([
                 ToSqlOutput::from(e.id),
                 ToSqlOutput::from(e.attempt),
-                ToSqlOutput::from(c.status),
+                ToSqlOutput::from(c.status.as_str()),
                 c.result
                     .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
                 c.error
                     .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
                 c.run_at
                     .map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
-                ToSqlOutput::from(c.status != "retrying"),
+                ToSqlOutput::from(c.status.is_terminal()),
                 pct.map_or(ToSqlOutput::Owned(Value::Null), ToSqlOutput::from),
                 e.progress
                     .map_or(ToSqlOutput::Owned(Value::Null), |(_, m)| {
@@ -850,10 +844,10 @@ pub fn rescue_expired(
             continue;
         }
         let error = "the worker stopped before the attempt finished (crash or kill)";
-        let (status, outcome) = if attempt >= max_attempts {
-            ("dead", "interrupted")
+        let status = if attempt >= max_attempts {
+            JobStatus::Dead
         } else {
-            ("queued", "interrupted")
+            JobStatus::Queued
         };
         conn.execute(
             "UPDATE jobs SET status = ?2, lease_until = NULL, worker = NULL, run_at = ?3,
@@ -862,8 +856,8 @@ pub fn rescue_expired(
              WHERE id = ?1 AND status = 'running'",
             params![id, status, now, error],
         )?;
-        record_attempt(conn, &id, attempt, started, now, outcome, Some(error))?;
-        if status == "dead" {
+        record_attempt(conn, &id, attempt, started, now, "interrupted", Some(error))?;
+        if status == JobStatus::Dead {
             dead.push(id);
         } else {
             requeued.push(id);
@@ -906,7 +900,7 @@ pub fn save_progress(
 pub struct ListFilter<'a> {
     /// None: every user's jobs (admin).
     pub user_id: Option<&'a str>,
-    pub status: Option<&'a str>,
+    pub status: Option<JobStatus>,
     pub kind: Option<&'a str>,
     /// Return jobs with ids below this (newest first).
     pub before_id: Option<&'a str>,
@@ -926,7 +920,7 @@ pub fn list(conn: &Connection, f: &ListFilter<'_>) -> Result<Vec<JobRow>, Storag
     }
     match f.status {
         // A literal, so the partial index `jobs_dead` (WHERE status = 'dead') applies.
-        Some("dead") => sql.push_str(" AND status = 'dead'"),
+        Some(JobStatus::Dead) => sql.push_str(" AND status = 'dead'"),
         Some(_) => sql.push_str(" AND status = ?2"),
         None => {}
     }
@@ -1616,7 +1610,10 @@ mod tests {
             .expect("claim");
             let ids: Vec<String> = got.iter().map(|r| r.id.clone()).collect();
             assert_eq!(ids, want, "limit {limit}");
-            assert!(got.iter().all(|r| r.status == "running" && r.run_at <= now));
+            assert!(
+                got.iter()
+                    .all(|r| r.status == JobStatus::Running && r.run_at <= now)
+            );
             claimed_total += got.len();
         }
         assert!(claimed_total > 0);

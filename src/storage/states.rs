@@ -122,6 +122,22 @@ states! {
     }
 }
 
+impl JobStatus {
+    /// Ended: succeeded, dead or canceled (an admin may still retry a dead or canceled
+    /// job, which queues it again).
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Dead | JobStatus::Canceled
+        )
+    }
+
+    /// Waiting for a worker: queued, or retrying after a failed attempt.
+    pub fn is_waiting(self) -> bool {
+        matches!(self, JobStatus::Queued | JobStatus::Retrying)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
