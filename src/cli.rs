@@ -213,7 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check) => {
             // The OAuth providers validate their URLs and secrets when built.
             crate::auth::oauth::OAuthProviders::new(
-                &config.auth.oauth.provider_configs(),
+                &crate::auth::oauth::OAuthConfigs::from_config(&config.auth.oauth),
                 config.public_base(),
             )
             .context("invalid [auth.oauth] configuration")?;

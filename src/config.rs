@@ -183,60 +183,6 @@ pub struct OAuthProviderConfig {
     pub scopes: Vec<String>,
 }
 
-impl OAuthConfig {
-    /// The settings [`OAuthProviders`](crate::auth::oauth::OAuthProviders) expects. A
-    /// provider whose `client_id` is empty is disabled, as if its section were absent;
-    /// unset URLs keep the provider's defaults.
-    pub fn provider_configs(&self) -> crate::auth::oauth::OAuthConfigs {
-        use crate::auth::oauth::{GithubConfig, GoogleConfig, OAuthConfigs, OidcConfig};
-        fn enabled(c: &Option<OAuthProviderConfig>) -> Option<&OAuthProviderConfig> {
-            c.as_ref().filter(|c| !c.client_id.trim().is_empty())
-        }
-        fn or(v: &Option<String>, default: String) -> String {
-            v.clone()
-                .filter(|s| !s.trim().is_empty())
-                .unwrap_or(default)
-        }
-        OAuthConfigs {
-            github: enabled(&self.github).map(|c| {
-                let d = GithubConfig::default();
-                GithubConfig {
-                    client_id: c.client_id.trim().to_string(),
-                    client_secret: c.client_secret.expose().to_string(),
-                    auth_url: or(&c.auth_url, d.auth_url),
-                    token_url: or(&c.token_url, d.token_url),
-                    api_url: or(&c.api_url, d.api_url),
-                }
-            }),
-            google: enabled(&self.google).map(|c| {
-                let d = GoogleConfig::default();
-                GoogleConfig {
-                    client_id: c.client_id.trim().to_string(),
-                    client_secret: c.client_secret.expose().to_string(),
-                    issuer: or(&c.issuer, d.issuer),
-                    auth_url: or(&c.auth_url, d.auth_url),
-                    token_url: or(&c.token_url, d.token_url),
-                    jwks_url: or(&c.jwks_url, d.jwks_url),
-                }
-            }),
-            oidc: enabled(&self.oidc).map(|c| {
-                let d = OidcConfig::default();
-                OidcConfig {
-                    issuer: c.issuer.clone().unwrap_or_default(),
-                    client_id: c.client_id.trim().to_string(),
-                    client_secret: c.client_secret.expose().to_string(),
-                    name: or(&c.name, d.name),
-                    scopes: if c.scopes.is_empty() {
-                        d.scopes
-                    } else {
-                        c.scopes.clone()
-                    },
-                }
-            }),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MailConfig {
@@ -1014,7 +960,7 @@ mod tests {
             &[],
         )
         .expect("loads");
-        let p = c.auth.oauth.provider_configs();
+        let p = crate::auth::oauth::OAuthConfigs::from_config(&c.auth.oauth);
         let gh = p.github.expect("github enabled");
         assert_eq!(gh.client_id, "gh");
         assert_eq!(gh.client_secret, "s");
@@ -1029,7 +975,7 @@ mod tests {
         assert_eq!(oidc.name, "Corp SSO");
         assert_eq!(oidc.scopes, ["openid", "email", "profile"]);
         let providers = crate::auth::oauth::OAuthProviders::new(
-            &c.auth.oauth.provider_configs(),
+            &crate::auth::oauth::OAuthConfigs::from_config(&c.auth.oauth),
             c.public_base(),
         )
         .expect("valid");

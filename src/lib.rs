@@ -18,6 +18,7 @@ pub mod jobs;
 pub mod logging;
 pub mod openapi;
 pub mod ops;
+pub mod ratelimit;
 pub mod secrets;
 pub mod serve;
 pub mod state;
@@ -108,7 +109,7 @@ impl App {
         let config = Arc::new(config);
         let metrics = ops::Metrics::install();
         let oauth = auth::oauth::OAuthProviders::new(
-            &config.auth.oauth.provider_configs(),
+            &crate::auth::oauth::OAuthConfigs::from_config(&config.auth.oauth),
             config.public_base(),
         )
         .context("invalid [auth.oauth] configuration")?;

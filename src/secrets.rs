@@ -8,6 +8,13 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use rand::RngCore;
 
+/// A new opaque token (refresh, one-time codes): 256 random bits, base64url.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// Reads `data_dir/secrets/<name>`, or creates it with `prefix` + 256 random bits.
 pub fn load_or_generate(data_dir: &Path, name: &str, prefix: &str) -> std::io::Result<String> {
     let dir = data_dir.join("secrets");

@@ -13,11 +13,11 @@ pub mod mail;
 pub mod oauth;
 pub mod oauth_flow;
 pub mod password;
-pub mod ratelimit;
 pub mod routes;
 pub mod service;
 pub mod tokens;
 
+use crate::ratelimit;
 use std::sync::Arc;
 use std::time::Duration;
 

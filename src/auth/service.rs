@@ -100,7 +100,7 @@ pub(super) const IP_TOKENS: &str = "ip-token";
 fn lockout_key(email: &str, client: &Client) -> String {
     format!(
         "{email} {}",
-        super::ratelimit::client_network(client.ip.as_deref())
+        crate::ratelimit::client_network(client.ip.as_deref())
     )
 }
 

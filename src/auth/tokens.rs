@@ -14,10 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -125,12 +122,7 @@ fn system_secs() -> i64 {
         .unwrap_or(0)
 }
 
-/// A new opaque token (refresh, one-time codes): 256 random bits, base64url.
-pub fn random_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
-}
+pub use crate::secrets::random_token;
 
 /// How opaque tokens are stored.
 pub fn hash_token(token: &str) -> Vec<u8> {
@@ -139,6 +131,9 @@ pub fn hash_token(token: &str) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
     use super::*;
 
     fn claims(exp: i64) -> Claims {

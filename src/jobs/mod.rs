@@ -157,7 +157,7 @@ struct Inner {
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
     /// Uploads per user (`uploads.rate_limit` per `uploads.rate_window`).
-    upload_rate: crate::auth::ratelimit::RateLimiter,
+    upload_rate: crate::ratelimit::RateLimiter,
     worker_id: String,
 }
 
@@ -204,8 +204,8 @@ impl Jobs {
                     .build(),
                 streams: guard::StreamGuards::default(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
-                upload_rate: crate::auth::ratelimit::RateLimiter::new(
-                    crate::auth::ratelimit::RatePolicy::new(
+                upload_rate: crate::ratelimit::RateLimiter::new(
+                    crate::ratelimit::RatePolicy::new(
                         config.uploads.rate_limit,
                         config.uploads.rate_window,
                     ),
@@ -314,7 +314,7 @@ impl Jobs {
     /// It keeps the access token's grant: redeeming it re-checks session, token version
     /// and expiry ([`crate::auth::Auth::revalidate`]).
     pub fn issue_ticket(&self, grant: Grant) -> String {
-        let ticket = crate::auth::tokens::random_token();
+        let ticket = crate::secrets::random_token();
         self.inner.tickets.insert(ticket.clone(), grant);
         ticket
     }

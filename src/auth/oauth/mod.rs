@@ -42,6 +42,7 @@ pub use github::GithubConfig;
 pub use google::GoogleConfig;
 pub use oidc::OidcConfig;
 
+use crate::config::{OAuthConfig, OAuthProviderConfig};
 use github::Github;
 use oidc::Oidc;
 
@@ -64,6 +65,59 @@ pub struct OAuthConfigs {
     pub github: Option<GithubConfig>,
     pub google: Option<GoogleConfig>,
     pub oidc: Option<OidcConfig>,
+}
+
+impl OAuthConfigs {
+    /// The settings [`OAuthProviders`] expects, from the `[auth.oauth]` section. A
+    /// provider whose `client_id` is empty is disabled, as if its section were absent;
+    /// unset URLs keep the provider's defaults.
+    pub fn from_config(cfg: &OAuthConfig) -> OAuthConfigs {
+        fn enabled(c: &Option<OAuthProviderConfig>) -> Option<&OAuthProviderConfig> {
+            c.as_ref().filter(|c| !c.client_id.trim().is_empty())
+        }
+        fn or(v: &Option<String>, default: String) -> String {
+            v.clone()
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or(default)
+        }
+        OAuthConfigs {
+            github: enabled(&cfg.github).map(|c| {
+                let d = GithubConfig::default();
+                GithubConfig {
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    auth_url: or(&c.auth_url, d.auth_url),
+                    token_url: or(&c.token_url, d.token_url),
+                    api_url: or(&c.api_url, d.api_url),
+                }
+            }),
+            google: enabled(&cfg.google).map(|c| {
+                let d = GoogleConfig::default();
+                GoogleConfig {
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    issuer: or(&c.issuer, d.issuer),
+                    auth_url: or(&c.auth_url, d.auth_url),
+                    token_url: or(&c.token_url, d.token_url),
+                    jwks_url: or(&c.jwks_url, d.jwks_url),
+                }
+            }),
+            oidc: enabled(&cfg.oidc).map(|c| {
+                let d = OidcConfig::default();
+                OidcConfig {
+                    issuer: c.issuer.clone().unwrap_or_default(),
+                    client_id: c.client_id.trim().to_string(),
+                    client_secret: c.client_secret.expose().to_string(),
+                    name: or(&c.name, d.name),
+                    scopes: if c.scopes.is_empty() {
+                        d.scopes
+                    } else {
+                        c.scopes.clone()
+                    },
+                }
+            }),
+        }
+    }
 }
 
 impl fmt::Debug for OAuthConfigs {
