@@ -13,9 +13,11 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod ids;
 pub mod jobs;
 pub mod logging;
+pub mod mail;
 pub mod openapi;
 pub mod ops;
 pub mod ratelimit;
@@ -113,13 +115,13 @@ impl App {
             config.public_base(),
         )
         .context("invalid [auth.oauth] configuration")?;
-        let mut kinds = vec![auth::mail::kind_spec(), billing::usage::kind_spec()];
+        let mut kinds = vec![mail::kind_spec(), billing::usage::kind_spec()];
         kinds.extend(opts.extra_kinds);
         let jobs = jobs::Jobs::new(&config, kinds);
         let tasks = tokio_util::task::TaskTracker::new();
         let wake_mail = {
             let jobs = jobs.clone();
-            auth::mail::WakeMail::new(move || jobs.notify(auth::mail::QUEUE))
+            mail::WakeMail::new(move || jobs.notify(mail::QUEUE))
         };
         let auth = auth::Auth::new(
             &config,

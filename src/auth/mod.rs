@@ -9,7 +9,6 @@
 pub mod client_ip;
 pub mod epoch;
 pub mod extract;
-pub mod mail;
 pub mod oauth;
 pub mod oauth_flow;
 pub mod password;
@@ -17,6 +16,7 @@ pub mod routes;
 pub mod service;
 pub mod tokens;
 
+use crate::mail;
 use crate::ratelimit;
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,23 +90,7 @@ pub struct TokenPair {
     pub refresh_expires_in: u64,
 }
 
-/// The authenticated caller, as the extractors and services see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Principal {
-    pub user_id: String,
-    pub session_id: String,
-    pub is_admin: bool,
-}
-
-/// A checked access token as an SSE stream keeps it: the stream stays tied to this
-/// session and token version and ends when the token expires.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub principal: Principal,
-    pub token_version: i64,
-    /// When the access token expires, in seconds since the epoch.
-    pub expires_at: i64,
-}
+pub use crate::identity::{Grant, Principal};
 
 /// A committed change that may revoke credentials, announced in-process right after the
 /// caches forgot it (the SSE stream guard re-checks the streams it concerns).
@@ -247,7 +231,7 @@ impl Profile {
     /// The API's `User` object for this profile and `plan`: the pre-rendered fields with
     /// `"plan"` appended (what serialising [`routes::UserView`] gives, without re-rendering
     /// every field per request).
-    pub fn user_json(&self, plan: &crate::billing::Entitlement) -> Vec<u8> {
+    pub fn user_json(&self, plan: &impl Serialize) -> Vec<u8> {
         let fields = self.json.strip_suffix('}').unwrap_or(&self.json);
         let mut out = Vec::with_capacity(fields.len() + 512);
         out.extend_from_slice(fields.as_bytes());

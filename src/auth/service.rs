@@ -71,9 +71,9 @@ fn drop_unverified_identities(
         Some(&list),
         now,
     )?;
-    super::mail::enqueue_in(
+    crate::mail::enqueue_in(
         c,
-        &super::mail::Mail {
+        &crate::mail::Mail {
             to: user.email,
             from: from.to_string(),
             subject: "Sign-in providers removed from your account".into(),
@@ -213,9 +213,9 @@ impl Auth {
             )?;
             audit(c, Some(&user.id), "register", &client2, None, now)?;
             sa::insert_one_time_token(c, &verify_hash, "verify_email", &user.id, now + VERIFY_TTL.as_millis() as i64, now)?;
-            super::mail::enqueue_in(
+            crate::mail::enqueue_in(
                 c,
-                &super::mail::Mail {
+                &crate::mail::Mail {
                     to: user.email.clone(),
                     from: mail_from,
                     subject: "Confirm your email address".into(),
@@ -547,9 +547,9 @@ impl Auth {
                 };
                 sa::insert_one_time_token(c, &hash, RESET_PURPOSE, &user.id, now + RESET_TTL.as_millis() as i64, now)?;
                 audit(c, Some(&user.id), "password_reset_requested", &client2, None, now)?;
-                super::mail::enqueue_in(
+                crate::mail::enqueue_in(
                     c,
-                    &super::mail::Mail {
+                    &crate::mail::Mail {
                         to: user.email,
                         from,
                         subject: "Reset your password".into(),
@@ -637,9 +637,9 @@ impl Auth {
                 return Ok::<_, AuthError>(false);
             }
             sa::insert_one_time_token(c, &hash, "verify_email", &uid, now + VERIFY_TTL.as_millis() as i64, now)?;
-            super::mail::enqueue_in(
+            crate::mail::enqueue_in(
                 c,
-                &super::mail::Mail {
+                &crate::mail::Mail {
                     to: user.email,
                     from,
                     subject: "Confirm your email address".into(),

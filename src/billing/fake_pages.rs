@@ -32,7 +32,7 @@ pub async fn run_scenario(
         )
         .await?;
     }
-    state.jobs.notify(crate::auth::mail::QUEUE);
+    state.jobs.notify(crate::mail::QUEUE);
     Ok(events.len())
 }
 

@@ -211,7 +211,7 @@ async fn webhook(
     let p = state.billing.handle_webhook(&body, sig).await?;
     if p.status == EventStatus::Applied {
         // A payment-failure mail may have been enqueued with the change.
-        state.jobs.notify(crate::auth::mail::QUEUE);
+        state.jobs.notify(crate::mail::QUEUE);
     }
     Ok(Json(WebhookReceipt {
         duplicate: p.duplicate,

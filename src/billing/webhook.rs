@@ -325,9 +325,9 @@ impl Billing {
             .grace_until
             .map(|s| crate::clock::rfc3339(s * 1000))
             .unwrap_or_else(|| "soon".into());
-        crate::auth::mail::enqueue_in(
+        crate::mail::enqueue_in(
             c,
-            &crate::auth::mail::Mail {
+            &crate::mail::Mail {
                 to: user.email,
                 from: self.inner.mail_from.clone(),
                 subject: "Your payment failed".into(),

@@ -21,7 +21,8 @@ use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{AuthChange, AuthError, Grant};
+use crate::auth::{AuthChange, AuthError};
+use crate::identity::Grant;
 use crate::state::AppState;
 use crate::storage::users;
 
@@ -270,7 +271,7 @@ async fn recheck_db(state: &AppState, guards: &StreamGuards) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::Principal;
+    use crate::identity::Principal;
 
     fn grant(user: &str, session: &str, expires_at: i64) -> Grant {
         Grant {

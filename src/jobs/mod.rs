@@ -32,8 +32,8 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Grant;
 use crate::config::Config;
+use crate::identity::Grant;
 use crate::state::AppState;
 use hub::{Hub, JobEventKind};
 

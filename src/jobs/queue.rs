@@ -6,8 +6,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::worker::publish_outcome;
-use crate::auth::Principal;
 use crate::config::SYSTEM_QUEUE;
+use crate::identity::Principal;
 use crate::state::AppState;
 use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, JobRow, NewJob};

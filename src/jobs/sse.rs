@@ -39,7 +39,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use super::frame::{self, Batch};
 use super::guard::{EndReason, Guard};
 use super::hub::{JobEvent, JobEventKind};
-use crate::auth::Grant;
+use crate::identity::Grant;
 use crate::state::AppState;
 use crate::storage::jobs::{self as q, JobRow};
 use crate::storage::states::JobStatus;

