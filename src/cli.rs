@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
+use crate::auth::AuthError;
 use crate::config::{Config, LogFormat, Overrides};
 use crate::storage::{self, Storage};
 
@@ -380,6 +381,7 @@ fn restore(config: &Config, backup: &Path, force: bool) -> anyhow::Result<()> {
 }
 
 fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
+    use crate::auth::operator::AccountChange;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -388,19 +390,58 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
             let dir = config.data_dir.clone();
             tokio::task::spawn_blocking(move || Storage::open(&dir)).await??
         };
-        let now = crate::clock::now_millis();
+        // The same account code as the HTTP flows (normalised address, password rules,
+        // audit rows), without the server's OAuth, mail queue or signing key.
+        let auth = crate::auth::Auth::for_operator(
+            config,
+            storage.clone(),
+            std::sync::Arc::new(crate::clock::SystemClock),
+        )?;
+        let change = |email: String, change: AccountChange, done: &'static str| {
+            let auth = auth.clone();
+            async move {
+                match auth.change_account(&email, change).await {
+                    Ok(u) => {
+                        println!("{} {done}", u.email);
+                        Ok(())
+                    }
+                    Err(AuthError::NotFound) => bail!("no such user"),
+                    Err(AuthError::Invalid(why)) => {
+                        bail!("{email:?} is not an email address: {why}")
+                    }
+                    Err(e) => Err(anyhow::Error::new(e)),
+                }
+            }
+        };
         let result = match cmd {
             UserCommand::Create {
                 email,
                 admin,
                 password_stdin,
             } => {
-                let password_hash = if password_stdin {
-                    Some(hash_password_from_stdin().await?)
+                let password = if password_stdin {
+                    Some(password_from_stdin().await?)
                 } else {
                     None
                 };
-                create_user(&storage, &email, admin, password_hash, now).await
+                match auth.create_account(&email, password, admin).await {
+                    Ok(u) => {
+                        println!("created {} {} ({})", u.role, u.email, u.id);
+                        Ok(())
+                    }
+                    Err(AuthError::EmailTaken) => {
+                        bail!("a user with email {} already exists", email.trim())
+                    }
+                    Err(AuthError::Invalid(why))
+                        if password_stdin && why.starts_with("password") =>
+                    {
+                        bail!("{why} (read from standard input)")
+                    }
+                    Err(AuthError::Invalid(why)) => {
+                        bail!("{email:?} is not an email address: {why}")
+                    }
+                    Err(e) => Err(anyhow::Error::new(e)),
+                }
             }
             UserCommand::List => {
                 let users = storage
@@ -418,110 +459,38 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            UserCommand::Promote { email } => update_user(&storage, &email, move |c, id| {
-                storage::users::set_role(c, id, "admin", now)
-            })
-            .await
-            .map(|()| println!("{email} is now an admin")),
-            UserCommand::Disable { email } => update_user(&storage, &email, move |c, id| {
-                storage::users::set_disabled(c, id, true, now)
-            })
-            .await
-            .map(|()| {
-                println!(
-                    "{email} is disabled; its sessions and access tokens stop working \
-                     (a running server applies this within a second)"
+            UserCommand::Promote { email } => {
+                change(email, AccountChange::Promote, "is now an admin").await
+            }
+            UserCommand::Disable { email } => {
+                change(
+                    email,
+                    AccountChange::Disable,
+                    "is disabled; its sessions and access tokens stop working \
+                     (a running server applies this within a second)",
                 )
-            }),
-            UserCommand::Enable { email } => update_user(&storage, &email, move |c, id| {
-                storage::users::set_disabled(c, id, false, now)
-            })
-            .await
-            .map(|()| println!("{email} is enabled")),
+                .await
+            }
+            UserCommand::Enable { email } => {
+                change(email, AccountChange::Enable, "is enabled").await
+            }
         };
         storage.close().await?;
         result
     })
 }
 
-/// Reads one line from stdin (the trailing newline is not part of the password), checks
-/// it against the same rules as registration and hashes it with argon2id.
-async fn hash_password_from_stdin() -> anyhow::Result<String> {
+/// Reads one line from stdin (the trailing newline is not part of the password); the
+/// account code checks it against the registration rules and hashes it.
+async fn password_from_stdin() -> anyhow::Result<String> {
     let line = tokio::task::spawn_blocking(|| {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).map(|_| line)
     })
     .await??;
-    let password = line
+    Ok(line
         .strip_suffix('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .unwrap_or(&line)
-        .to_string();
-    if let Err(why) = crate::auth::password::validate_new_password(&password) {
-        bail!("{why} (read from standard input)");
-    }
-    Ok(crate::auth::password::PasswordHasher::new()
-        .hash(password)
-        .await?)
-}
-
-async fn create_user(
-    storage: &Storage,
-    email: &str,
-    admin: bool,
-    password_hash: Option<String>,
-    now: i64,
-) -> anyhow::Result<()> {
-    let email = email.trim().to_lowercase();
-    if email.len() > 254 || email.split('@').filter(|p| !p.is_empty()).count() != 2 {
-        bail!("{email:?} is not an email address");
-    }
-    let role = if admin { "admin" } else { "user" };
-    let id = crate::ids::new_id();
-    let e = email.clone();
-    let row = storage
-        .write(move |c| {
-            storage::users::insert_user(
-                c,
-                &storage::users::NewUser {
-                    id: &id,
-                    email: &e,
-                    // The operator vouches for the address.
-                    email_verified: true,
-                    name: None,
-                    password_hash: password_hash.as_deref(),
-                    role: Some(role),
-                    now,
-                },
-            )
-        })
-        .await;
-    match row {
-        Ok(u) => {
-            println!("created {} {} ({})", u.role, u.email, u.id);
-            Ok(())
-        }
-        Err(e) if e.is_unique_violation() => bail!("a user with email {email} already exists"),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn update_user(
-    storage: &Storage,
-    email: &str,
-    f: impl FnOnce(&storage::Conn, &str) -> Result<bool, storage::StorageError> + Send + 'static,
-) -> anyhow::Result<()> {
-    let email = email.trim().to_lowercase();
-    let found = storage
-        .write(move |c| {
-            let Some(u) = storage::users::get_user_by_email(c, &email)? else {
-                return Ok(false);
-            };
-            f(c, &u.id)
-        })
-        .await?;
-    if !found {
-        bail!("no such user");
-    }
-    Ok(())
+        .to_string())
 }

@@ -133,7 +133,8 @@ pub fn stripe_trigger(
     runtime()?.block_on(async {
         let storage = open(config).await?;
         let result = async {
-            let email = email.trim().to_lowercase();
+            let email =
+                crate::auth::password::normalize_email(email).map_err(anyhow::Error::msg)?;
             let user = storage
                 .read(move |c| storage::users::get_user_by_email(c, &email))
                 .await?

@@ -11,6 +11,7 @@ pub mod epoch;
 pub mod extract;
 pub mod oauth;
 pub mod oauth_flow;
+pub mod operator;
 pub mod password;
 pub mod routes;
 pub mod service;

@@ -45,6 +45,18 @@ fn audit(
     )
 }
 
+/// Inserts a new account (registration and the operator's `user create`); an address
+/// that already has one is [`AuthError::EmailTaken`].
+pub(super) fn insert_account_in(c: &Conn, user: &NewUser<'_>) -> Result<UserRow, AuthError> {
+    users::insert_user(c, user).map_err(|e| {
+        if e.is_unique_violation() {
+            AuthError::EmailTaken
+        } else {
+            e.into()
+        }
+    })
+}
+
 /// warpbase has just proved the account's address (reset or verification mail): the
 /// identities linked while it was unverified may belong to whoever registered the address
 /// first, so they are removed, the owner is told by mail, and the removal is audited.
@@ -185,7 +197,7 @@ impl Auth {
         let (pair, user) = self.inner.storage
         .write(move |c| {
             let id = crate::ids::new_id_at(now);
-            let user = users::insert_user(
+            let user = insert_account_in(
                 c,
                 &NewUser {
                     id: &id,
@@ -196,14 +208,7 @@ impl Auth {
                     role: None,
                     now,
                 },
-            )
-            .map_err(|e| {
-                if e.is_unique_violation() {
-                    AuthError::EmailTaken
-                } else {
-                    e.into()
-                }
-            })?;
+            )?;
             let pair = auth.create_session_in(
                 c,
                 &user.id,

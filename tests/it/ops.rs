@@ -301,6 +301,16 @@ fn user_create_from_the_command_line() {
     assert_fails_with(&o, "already exists", "duplicate email");
     let o = run(&["user", "create", "not-an-email"]);
     assert_fails_with(&o, "not an email address", "bad email");
+    // The registration rules, not a looser copy of them: a doubled dot is refused at
+    // register, so the CLI refuses it too.
+    let o = run(&["user", "create", "a..b@example.com"]);
+    assert_fails_with(&o, "not an email address", "an address register refuses");
+    let o = run(&["user", "disable", " ANN@example.com "]);
+    assert_ok(&o, "disable by another spelling of the address");
+    let o = run(&["user", "enable", "ann@example.com"]);
+    assert_ok(&o, "enable");
+    let o = run(&["user", "disable", "nobody@example.com"]);
+    assert_fails_with(&o, "no such user", "unknown user");
 
     let o = run(&["user", "list"]);
     assert_ok(&o, "user list");
@@ -314,6 +324,29 @@ fn user_create_from_the_command_line() {
     assert!(line("root@example.com").contains("admin"));
     assert!(line("ann@example.com").contains("user"));
     assert_eq!(list.lines().count(), 3, "header + two users: {list}");
+
+    // Every change the operator made is in the audit log, as the HTTP flows' are.
+    let db = rusqlite::Connection::open(dir.path().join("warpbase.db")).expect("open the db");
+    let events: Vec<(String, String, String)> = db
+        .prepare(
+            "SELECT u.email, a.event, COALESCE(a.user_agent, '') FROM audit_log a
+             JOIN users u ON u.id = a.user_id ORDER BY a.id",
+        )
+        .expect("prepare")
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let cli = |email: &str, event: &str| (email.to_string(), event.to_string(), "cli".to_string());
+    assert_eq!(
+        events,
+        [
+            cli("root@example.com", "user_created"),
+            cli("ann@example.com", "user_created"),
+            cli("ann@example.com", "user_disabled"),
+            cli("ann@example.com", "user_enabled"),
+        ]
+    );
 }
 
 /// Runs the binary with `args`, writing `stdin` to its standard input.
