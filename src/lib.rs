@@ -115,9 +115,19 @@ impl App {
             config.public_base(),
         )
         .context("invalid [auth.oauth] configuration")?;
+        let webhook_secrets = billing::webhook_secrets(&config)
+            .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
+        let billing = billing::Billing::with_apply_fault(
+            &config,
+            storage.clone(),
+            clock.clone(),
+            webhook_secrets,
+            opts.billing_fault,
+        )
+        .context("cannot set up the Stripe client")?;
         let mut kinds = vec![mail::kind_spec(), billing::usage::kind_spec()];
         kinds.extend(opts.extra_kinds);
-        let jobs = jobs::Jobs::new(&config, kinds);
+        let jobs = jobs::Jobs::new(&config, kinds, Arc::new(billing.clone()));
         let tasks = tokio_util::task::TaskTracker::new();
         let wake_mail = {
             let jobs = jobs.clone();
@@ -132,16 +142,6 @@ impl App {
             tasks.clone(),
             wake_mail,
         );
-        let webhook_secrets = billing::webhook_secrets(&config)
-            .with_context(|| format!("cannot write secrets into {}", data_dir.display()))?;
-        let billing = billing::Billing::with_apply_fault(
-            &config,
-            storage.clone(),
-            clock.clone(),
-            webhook_secrets,
-            opts.billing_fault,
-        )
-        .context("cannot set up the Stripe client")?;
         let state = AppState::new(
             config.clone(),
             storage,

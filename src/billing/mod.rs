@@ -339,6 +339,15 @@ impl Billing {
         }
     }
 
+    /// The limits jobs check and the period they count in.
+    pub async fn allowance(&self, user_id: &str) -> crate::jobs::plan::Allowance {
+        let e = self.entitlement(user_id).await;
+        crate::jobs::plan::Allowance {
+            limits: e.limits,
+            period_start: e.period_start,
+        }
+    }
+
     /// Called inside the transaction that marks a billable job succeeded: on a metered
     /// plan this enqueues the usage report as a job, keyed by the job id, so the job is
     /// reported once if and only if it succeeded.
@@ -393,6 +402,26 @@ pub fn month_start(ms: i64) -> i64 {
         .midnight()
         .assume_utc();
     first.unix_timestamp() * 1000
+}
+
+/// Billing is the plan source and the meter of the jobs layer.
+impl crate::jobs::plan::Metering for Billing {
+    fn allowance<'a>(
+        &'a self,
+        user_id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, crate::jobs::plan::Allowance> {
+        Box::pin(Billing::allowance(self, user_id))
+    }
+
+    fn record_success_in(
+        &self,
+        conn: &Conn,
+        user_id: &str,
+        job_id: &str,
+        now: i64,
+    ) -> Result<(), StorageError> {
+        self.record_usage_in(conn, user_id, job_id, now)
+    }
 }
 
 #[cfg(test)]

@@ -129,7 +129,7 @@ impl Handler for Analyze {
         Box::pin(async move {
             let p = analyze_payload(&ctx.payload).map_err(JobFailure::Permanent)?;
             let owner = ctx.user_id.clone().unwrap_or_default();
-            let limits = ctx.state.billing.entitlement(&owner).await.limits;
+            let limits = ctx.state.jobs.allowance(&owner).await.limits;
             // An upload may expand well beyond its compressed size, within reason.
             let max_unpacked = limits
                 .max_upload_bytes

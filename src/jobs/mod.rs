@@ -17,6 +17,7 @@ pub mod guard;
 pub mod hub;
 pub mod kinds;
 pub mod outcome;
+pub mod plan;
 pub mod queue;
 pub mod routes;
 pub mod sse;
@@ -158,13 +159,15 @@ struct Inner {
     usage: crate::cache::Loaded<String, (i64, u64)>,
     /// Uploads per user (`uploads.rate_limit` per `uploads.rate_window`).
     upload_rate: crate::ratelimit::RateLimiter,
+    /// Plans and metering (billing), handed in: jobs never names billing.
+    metering: Arc<dyn plan::Metering>,
     worker_id: String,
 }
 
 impl Jobs {
     /// Builds the registry from the built-in kinds, config-defined command kinds and the
     /// kinds other modules contribute (`extra`).
-    pub fn new(config: &Config, extra: Vec<KindSpec>) -> Jobs {
+    pub fn new(config: &Config, extra: Vec<KindSpec>, metering: Arc<dyn plan::Metering>) -> Jobs {
         let wake = config
             .jobs
             .queues
@@ -211,9 +214,20 @@ impl Jobs {
                     ),
                     100_000,
                 ),
+                metering,
                 worker_id: crate::ids::new_id(),
             }),
         }
+    }
+
+    /// The plan `user_id` is on now (limits and quota period).
+    pub async fn allowance(&self, user_id: &str) -> plan::Allowance {
+        self.inner.metering.allowance(user_id).await
+    }
+
+    /// The metering hook, for the write that records a job's success.
+    pub fn metering(&self) -> &dyn plan::Metering {
+        &*self.inner.metering
     }
 
     /// Wakes the dispatcher of `queue`; call after the enqueueing write committed.

@@ -5,13 +5,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::plan::Allowance;
 use super::worker::publish_outcome;
 use crate::config::SYSTEM_QUEUE;
 use crate::identity::Principal;
 use crate::state::AppState;
-use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, JobRow, NewJob};
 use crate::storage::states::JobStatus;
+use crate::storage::{Conn, StorageError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -123,7 +124,7 @@ pub async fn submit(
         .await
         .map_err(JobError::Invalid)?;
 
-    let entitlement = state.billing.entitlement(&who.user_id).await;
+    let allowance = state.jobs.allowance(&who.user_id).await;
     // Only a keyed submission is ever compared with another one.
     let request_hash = idempotency_key
         .is_some()
@@ -146,7 +147,7 @@ pub async fn submit(
                     Err(JobError::IdempotencyConflict)
                 };
             }
-            let used = check_plan(c, &user_id, &entitlement, billable)?;
+            let used = check_plan(c, &user_id, &allowance, billable)?;
             q::insert_job(
                 c,
                 &NewJob {
@@ -163,7 +164,7 @@ pub async fn submit(
                     now,
                 },
             )?;
-            q::set_period_usage(c, &user_id, entitlement.period_start, used + 1)?;
+            q::set_period_usage(c, &user_id, allowance.period_start, used + 1)?;
             // The row as inserted (column defaults included), without reading it back.
             Ok(Submitted::Created(JobRow {
                 id,
@@ -203,14 +204,14 @@ pub async fn submit(
 /// against `concurrent_jobs` and, for billable kinds, the jobs this period against
 /// `jobs_per_period`. Returns the jobs of this period so far; the caller records one more.
 fn check_plan(
-    c: &rusqlite::Connection,
+    c: &Conn,
     user_id: &str,
-    entitlement: &crate::billing::Entitlement,
+    allowance: &Allowance,
     billable: bool,
 ) -> Result<u64, JobError> {
-    let used = q::period_usage(c, user_id, entitlement.period_start)?;
+    let used = q::period_usage(c, user_id, allowance.period_start)?;
     if billable {
-        let limits = entitlement.limits;
+        let limits = allowance.limits;
         let active = q::count_active(c, user_id)?;
         if active >= u64::from(limits.concurrent_jobs) {
             return Err(JobError::PlanLimit {
@@ -287,7 +288,7 @@ pub async fn retry(state: &AppState, who: &Principal, id: &str) -> Result<JobRow
     let jid = row.id.clone();
     let billable = state.jobs.kind(&row.kind).is_some_and(|k| k.billable);
     let owner = match &row.user_id {
-        Some(u) => Some((u.clone(), state.billing.entitlement(u).await)),
+        Some(u) => Some((u.clone(), state.jobs.allowance(u).await)),
         None => None,
     };
     let status = row.status;

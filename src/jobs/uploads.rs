@@ -106,7 +106,7 @@ pub async fn store(state: &AppState, user_id: &str, body: Body) -> Result<Upload
         .jobs
         .check_upload_rate(user_id)
         .map_err(UploadError::RateLimited)?;
-    let limits = state.billing.entitlement(user_id).await.limits;
+    let limits = state.jobs.allowance(user_id).await.limits;
     let dir = uploads_dir(state);
     let floor = state.config.uploads.min_free_bytes;
     let d = dir.clone();

@@ -12,11 +12,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::hub::JobEventKind;
+use super::plan::Metering;
 use super::{JobContext, JobFailure, Progress, Running};
 use crate::state::AppState;
-use crate::storage::StorageError;
 use crate::storage::jobs::{self as q, Finish, JobRow};
 use crate::storage::states::JobStatus;
+use crate::storage::{Conn, StorageError};
 
 /// How long an attempt may keep running after its timeout or cancel signal before it is
 /// abandoned (its handler future dropped, child processes killed).
@@ -460,12 +461,7 @@ impl Record {
 
     /// Records the attempt; false if the job changed meanwhile (rescued, canceled), when
     /// nothing is written.
-    fn write(
-        &self,
-        c: &rusqlite::Connection,
-        billing: &crate::billing::Billing,
-        now: i64,
-    ) -> Result<bool, StorageError> {
+    fn write(&self, c: &Conn, meter: &dyn Metering, now: i64) -> Result<bool, StorageError> {
         let end = self.end();
         let changed = q::finish(
             c,
@@ -477,24 +473,19 @@ impl Record {
             now,
         )?;
         if changed {
-            self.record_usage(c, billing, now)?;
+            self.record_usage(c, meter, now)?;
         }
         Ok(changed)
     }
 
     /// Metered plans report usage through the queue, in the transaction that records the
     /// attempt, so a job counts once if and only if it succeeded.
-    fn record_usage(
-        &self,
-        c: &rusqlite::Connection,
-        billing: &crate::billing::Billing,
-        now: i64,
-    ) -> Result<(), StorageError> {
+    fn record_usage(&self, c: &Conn, meter: &dyn Metering, now: i64) -> Result<(), StorageError> {
         if self.status == JobStatus::Succeeded
             && self.billable
             && let Some(uid) = &self.user_id
         {
-            billing.record_usage_in(c, uid, &self.id, now)?;
+            meter.record_success_in(c, uid, &self.id, now)?;
         }
         Ok(())
     }
@@ -533,9 +524,9 @@ impl Record {
 /// Records a batch of attempts in one closure: [`q::finish_many`], then the usage of
 /// those that succeeded. Fails at the first error, with the record's index if known.
 fn write_records(
-    c: &rusqlite::Connection,
+    c: &Conn,
     records: &[Record],
-    billing: &crate::billing::Billing,
+    meter: &dyn Metering,
     now: i64,
 ) -> Result<Vec<bool>, BatchError> {
     let ends: Vec<q::AttemptEnd<'_>> = records.iter().map(Record::end).collect();
@@ -546,7 +537,7 @@ fn write_records(
         .enumerate()
         .filter(|(_, (_, c))| **c)
     {
-        r.record_usage(c, billing, now)
+        r.record_usage(c, meter, now)
             .map_err(|e| BatchError::Record(Some(i), e))?;
     }
     Ok(changed)
@@ -575,10 +566,10 @@ async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunC
             .collect(),
     );
     let recs = records.clone();
-    let billing = state.billing.clone();
+    let jobs = state.jobs.clone();
     let written = state
         .storage
-        .write(move |c| write_records(c, &recs, &billing, now))
+        .write(move |c| write_records(c, &recs, jobs.metering(), now))
         .await;
     let changed: Vec<Result<bool, StorageError>> = match written {
         Ok(changed) => changed.into_iter().map(Ok).collect(),
@@ -589,13 +580,12 @@ async fn record_batch(state: &AppState, batch: &mut [Ended], counters: &mut RunC
             // fails alone. The closures still share one commit.
             let job = i.map(|i| records[i].id.as_str()).unwrap_or("?");
             tracing::warn!(job, error = %e, "recording a batch of attempts failed; recording them one by one");
-            let billing = &state.billing;
             futures_util::future::join_all((0..records.len()).map(|i| {
                 let recs = records.clone();
-                let billing = billing.clone();
+                let jobs = state.jobs.clone();
                 state
                     .storage
-                    .write(move |c| recs[i].write(c, &billing, now))
+                    .write(move |c| recs[i].write(c, jobs.metering(), now))
             }))
             .await
         }

@@ -40,17 +40,13 @@ const KNOWN: &[&str] = &[
     "jobs/kinds.rs (Jobs) uses AppState",
     "jobs/mod.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/mod.rs (Jobs) uses AppState",
-    "jobs/queue.rs (Jobs) names crate::billing::Entitlement (Services)",
     "jobs/queue.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/queue.rs (Jobs) uses AppState",
-    "jobs/queue.rs (Jobs) uses rusqlite",
     "jobs/routes.rs (a route file) calls storage",
     "jobs/uploads.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/uploads.rs (Jobs) uses AppState",
-    "jobs/worker.rs (Jobs) names crate::billing::Billing (Services)",
     "jobs/worker.rs (Jobs) names crate::state::AppState (Edge)",
     "jobs/worker.rs (Jobs) uses AppState",
-    "jobs/worker.rs (Jobs) uses rusqlite",
 ];
 
 /// Route files: they parse, call one service method and render; no storage.
