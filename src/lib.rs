@@ -12,6 +12,7 @@ mod cli_admin;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod identity;
 pub mod ids;
@@ -216,7 +217,7 @@ impl App {
         let addr = listener.local_addr()?;
 
         jobs::worker::start(&state);
-        jobs::guard::start(&state);
+        events::guard::start(&state);
         ops::backup::start(&state);
         ops::periodic::start(&state);
         auth::epoch::start(&state);

@@ -27,6 +27,8 @@ pub struct Shared {
     pub auth: Auth,
     pub billing: Billing,
     pub jobs: Jobs,
+    /// SSE tickets and open streams.
+    pub events: crate::events::Events,
     /// Cancelled when the process starts shutting down: streams end, workers stop claiming.
     pub shutdown: CancellationToken,
     /// Every background task, so shutdown can wait for them.
@@ -62,6 +64,7 @@ impl AppState {
             auth,
             billing,
             jobs,
+            events: crate::events::Events::new(),
             shutdown: CancellationToken::new(),
             tasks,
             metrics,

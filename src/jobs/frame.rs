@@ -16,7 +16,7 @@ use std::fmt::{self, Write as _};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// The keep-alive comment sent after [`super::sse::KEEPALIVE`] without any other write.
+/// The keep-alive comment sent after `events::sse::KEEPALIVE` without any other write.
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 
 /// Frames are joined into one chunk until it reaches this many bytes (one frame may take

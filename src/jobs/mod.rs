@@ -13,14 +13,12 @@ pub mod backoff;
 pub mod command;
 pub mod demo;
 pub mod frame;
-pub mod guard;
 pub mod hub;
 pub mod kinds;
 pub mod outcome;
 pub mod plan;
 pub mod queue;
 pub mod routes;
-pub mod sse;
 pub mod uploads;
 pub mod worker;
 
@@ -34,7 +32,6 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::identity::Grant;
 use crate::state::AppState;
 use hub::{Hub, JobEventKind};
 
@@ -150,10 +147,6 @@ struct Inner {
     hub: Hub,
     kinds: HashMap<String, KindSpec>,
     running: Mutex<HashMap<String, Running>>,
-    /// ticket → the access token's grant, re-checked when the ticket is redeemed.
-    tickets: moka::sync::Cache<String, Grant>,
-    /// The open SSE streams, closed when their credential ends.
-    streams: guard::StreamGuards,
     /// user id → (period start, jobs created since): `/me`'s usage line without a
     /// count over the user's jobs per request. Invalidated after each submission.
     usage: crate::cache::Loaded<String, (i64, u64)>,
@@ -201,11 +194,6 @@ impl Jobs {
                 hub: Hub::default(),
                 kinds,
                 running: Mutex::new(HashMap::new()),
-                tickets: moka::sync::Cache::builder()
-                    .max_capacity(100_000)
-                    .time_to_live(Duration::from_secs(60))
-                    .build(),
-                streams: guard::StreamGuards::default(),
                 usage: crate::cache::Loaded::new(100_000, Duration::from_secs(30)),
                 upload_rate: crate::ratelimit::RateLimiter::new(
                     crate::ratelimit::RatePolicy::new(
@@ -322,24 +310,5 @@ impl Jobs {
     /// Counts an upload of `user_id` against the upload rate; Err: retry after this long.
     pub fn check_upload_rate(&self, user_id: &str) -> Result<(), Duration> {
         self.inner.upload_rate.check(user_id)
-    }
-
-    /// A single-use, 60-second ticket that authenticates one `EventSource` connection.
-    /// It keeps the access token's grant: redeeming it re-checks session, token version
-    /// and expiry ([`crate::auth::Auth::revalidate`]).
-    pub fn issue_ticket(&self, grant: Grant) -> String {
-        let ticket = crate::secrets::random_token();
-        self.inner.tickets.insert(ticket.clone(), grant);
-        ticket
-    }
-
-    /// Takes a ticket out (single use); None if unknown, expired or already used.
-    pub fn redeem_ticket(&self, ticket: &str) -> Option<Grant> {
-        self.inner.tickets.remove(ticket)
-    }
-
-    /// The open SSE streams.
-    pub fn streams(&self) -> &guard::StreamGuards {
-        &self.inner.streams
     }
 }

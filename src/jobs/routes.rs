@@ -14,10 +14,11 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use super::queue::{self, JobError, JobView, SubmitRequest, Submitted};
-use super::{sse, uploads};
+use super::uploads;
 use crate::auth::extract::bearer;
 use crate::auth::{AdminUser, AuthError, AuthUser, Grant};
 use crate::error::{ApiError, ApiResult};
+use crate::events::sse;
 use crate::http::{Json, Query, page_limit};
 use crate::state::AppState;
 use crate::storage::jobs as q;
@@ -241,7 +242,7 @@ impl FromRequestParts<AppState> for StreamUser {
             .split('&')
             .find_map(|kv| kv.strip_prefix("ticket="))
             .ok_or(AuthError::Unauthorized)?;
-        let grant = state.jobs.redeem_ticket(ticket).ok_or_else(|| {
+        let grant = state.events.redeem_ticket(ticket).ok_or_else(|| {
             ApiError::unauthorized("the ticket is unknown, expired or already used")
         })?;
         let principal = state.auth.revalidate(&grant).await?;
@@ -338,7 +339,7 @@ async fn ticket(
     State(state): State<AppState>,
     BearerGrant(grant): BearerGrant,
 ) -> Json<serde_json::Value> {
-    Json(json!({ "ticket": state.jobs.issue_ticket(grant), "expires_in": 60 }))
+    Json(json!({ "ticket": state.events.issue_ticket(grant), "expires_in": 60 }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

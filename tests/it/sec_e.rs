@@ -77,7 +77,7 @@ async fn open_events(app: &TestApp, token: &str) -> SseReader {
 /// Waits until every stream opened so far is registered (the route answered).
 async fn wait_streams(app: &TestApp, n: usize) {
     eventually(T, "streams registered", || async {
-        (app.state().jobs.streams().len() >= n).then_some(())
+        (app.state().events.streams().len() >= n).then_some(())
     })
     .await;
 }
@@ -154,7 +154,7 @@ async fn open_streams_close_after_logout_all() {
     );
     expect_closed(&mut one, CLOSE_WITHIN).await;
     eventually(T, "streams unregistered", || async {
-        app.state().jobs.streams().is_empty().then_some(())
+        app.state().events.streams().is_empty().then_some(())
     })
     .await;
     app.shutdown().await;
@@ -267,7 +267,7 @@ async fn a_ticket_issued_before_logout_all_is_refused() {
     assert_eq!(r.status(), 204);
     let r = open_with_ticket(&app, "/api/v1/events", &before, None).await;
     expect_problem(r, 401, "session_revoked").await;
-    assert!(app.state().jobs.streams().is_empty());
+    assert!(app.state().events.streams().is_empty());
     app.shutdown().await;
 }
 

@@ -159,7 +159,7 @@ pub fn start(state: &AppState) {
 }
 
 async fn watch(state: AppState) {
-    let guards = state.jobs.streams().clone();
+    let guards = state.events.streams().clone();
     let mut changes = state.auth.subscribe_changes();
     let mut tick = tokio::time::interval(RECHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

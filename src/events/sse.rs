@@ -36,10 +36,10 @@ use tokio::sync::broadcast::{
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::frame::{self, Batch};
 use super::guard::{EndReason, Guard};
-use super::hub::{JobEvent, JobEventKind};
 use crate::identity::Grant;
+use crate::jobs::frame::{self, Batch};
+use crate::jobs::hub::{JobEvent, JobEventKind};
 use crate::state::AppState;
 use crate::storage::jobs::{self as q, JobRow};
 use crate::storage::states::JobStatus;
@@ -69,7 +69,7 @@ pub fn job_stream(
     row: JobRow,
     last_event_id: Option<u64>,
 ) -> Response {
-    let guard = state.jobs.streams().register(grant, &state.shutdown);
+    let guard = state.events.streams().register(grant, &state.shutdown);
     // An id beyond anything this process published comes from before a restart (the
     // sequence starts again at 1): start from the job's state instead of skipping the
     // new events up to it. (Sequence numbers only grow, so checking first is safe.)
@@ -112,7 +112,7 @@ pub fn user_stream(
     resume: Option<Option<(String, u64)>>,
 ) -> Response {
     let user_id = grant.principal.user_id.clone();
-    let guard = state.jobs.streams().register(grant, &state.shutdown);
+    let guard = state.events.streams().register(grant, &state.shutdown);
     let after = resume
         .as_ref()
         .and_then(|r| r.as_ref())
