@@ -220,7 +220,9 @@ impl App {
         events::guard::start(&state);
         ops::backup::start(&state);
         ops::periodic::start(&state);
-        auth::epoch::start(&state);
+        state
+            .tasks
+            .spawn(state.auth.clone().watch_epoch(state.shutdown.clone()));
         let router = http::router(state.clone(), extra_routes);
         let stop = token.clone();
         let server = tokio::spawn(serve::serve(

@@ -7,38 +7,38 @@
 
 use std::time::Duration;
 
-use crate::state::AppState;
+use tokio_util::sync::CancellationToken;
+
+use super::Auth;
 use crate::storage::users;
 
 /// How often the counter is read.
 pub const POLL: Duration = Duration::from_millis(500);
 
-/// Spawns the watcher; it ends on shutdown.
-pub fn start(state: &AppState) {
-    let s = state.clone();
-    state.tasks.spawn(watch(s));
-}
-
-async fn watch(state: AppState) {
-    let mut seen = state.storage.read(users::auth_epoch).await.ok();
-    let mut tick = tokio::time::interval(POLL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = state.shutdown.cancelled() => return,
-        }
-        match state.storage.read(users::auth_epoch).await {
-            Ok(now) if Some(now) != seen => {
-                // Also after this process's own changes, which invalidated their keys
-                // already: one extra cold load per cached user, rare.
-                if seen.is_some() {
-                    state.auth.invalidate_all();
-                }
-                seen = Some(now);
+impl Auth {
+    /// Watches the counter until `shutdown`; spawn it on the app's task tracker.
+    pub async fn watch_epoch(self, shutdown: CancellationToken) {
+        let storage = &self.inner.storage;
+        let mut seen = storage.read(users::auth_epoch).await.ok();
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "reading the auth epoch failed"),
+            match storage.read(users::auth_epoch).await {
+                Ok(now) if Some(now) != seen => {
+                    // Also after this process's own changes, which invalidated their keys
+                    // already: one extra cold load per cached user, rare.
+                    if seen.is_some() {
+                        self.invalidate_all();
+                    }
+                    seen = Some(now);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "reading the auth epoch failed"),
+            }
         }
     }
 }

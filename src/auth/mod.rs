@@ -15,6 +15,8 @@ pub mod operator;
 pub mod password;
 pub mod routes;
 pub mod service;
+#[cfg(test)]
+mod service_tests;
 pub mod tokens;
 
 use crate::mail;

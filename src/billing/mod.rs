@@ -19,6 +19,8 @@ pub mod stripe_real;
 pub mod sync;
 pub mod usage;
 pub mod webhook;
+#[cfg(test)]
+mod webhook_tests;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
