@@ -405,11 +405,7 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                         println!("{} {done}", u.email);
                         Ok(())
                     }
-                    Err(AuthError::NotFound) => bail!("no such user"),
-                    Err(AuthError::Invalid(why)) => {
-                        bail!("{email:?} is not an email address: {why}")
-                    }
-                    Err(e) => Err(anyhow::Error::new(e)),
+                    Err(e) => Err(account_error(&email, e)),
                 }
             }
         };
@@ -429,18 +425,7 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
                         println!("created {} {} ({})", u.role, u.email, u.id);
                         Ok(())
                     }
-                    Err(AuthError::EmailTaken) => {
-                        bail!("a user with email {} already exists", email.trim())
-                    }
-                    Err(AuthError::Invalid(why))
-                        if password_stdin && why.starts_with("password") =>
-                    {
-                        bail!("{why} (read from standard input)")
-                    }
-                    Err(AuthError::Invalid(why)) => {
-                        bail!("{email:?} is not an email address: {why}")
-                    }
-                    Err(e) => Err(anyhow::Error::new(e)),
+                    Err(e) => Err(account_error(&email, e)),
                 }
             }
             UserCommand::List => {
@@ -480,17 +465,33 @@ fn user(config: &Config, cmd: UserCommand) -> anyhow::Result<()> {
     })
 }
 
-/// Reads one line from stdin (the trailing newline is not part of the password); the
-/// account code checks it against the registration rules and hashes it.
+/// What the operator is told when an account command is refused. The password was
+/// checked when it was read, so an invalid input here is the address.
+fn account_error(email: &str, e: AuthError) -> anyhow::Error {
+    match e {
+        AuthError::EmailTaken => anyhow!("a user with email {} already exists", email.trim()),
+        AuthError::NotFound => anyhow!("no such user"),
+        AuthError::Invalid(why) => anyhow!("{email:?} is not an email address: {why}"),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// Reads one line from stdin (the trailing newline is not part of the password) and
+/// checks it against the registration rules, so the error can say where it came from;
+/// the account code hashes it.
 async fn password_from_stdin() -> anyhow::Result<String> {
     let line = tokio::task::spawn_blocking(|| {
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).map(|_| line)
     })
     .await??;
-    Ok(line
+    let password = line
         .strip_suffix('\n')
         .map(|l| l.strip_suffix('\r').unwrap_or(l))
         .unwrap_or(&line)
-        .to_string())
+        .to_string();
+    if let Err(why) = crate::auth::password::validate_new_password(&password) {
+        bail!("{why} (read from standard input)");
+    }
+    Ok(password)
 }

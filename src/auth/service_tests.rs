@@ -73,6 +73,20 @@ fn client(ip: &str) -> Client {
 }
 
 impl Fixture {
+    /// Registers ada@example.com with [`PASSWORD`]; the new session's tokens.
+    async fn register_ada(&self) -> super::TokenPair {
+        self.auth
+            .register(
+                &client("192.0.2.1"),
+                "ada@example.com",
+                PASSWORD.into(),
+                None,
+            )
+            .await
+            .expect("register")
+            .0
+    }
+
     /// The bodies of the mails queued for `to`, oldest first.
     async fn mails_to(&self, to: &str) -> Vec<String> {
         let to = to.to_string();
@@ -175,15 +189,7 @@ async fn register_creates_the_account_a_session_an_audit_row_and_a_verification_
 #[tokio::test]
 async fn login_checks_the_password_and_audits_both_outcomes() {
     let f = fixture();
-    f.auth
-        .register(
-            &client("192.0.2.1"),
-            "ada@example.com",
-            PASSWORD.into(),
-            None,
-        )
-        .await
-        .expect("register");
+    f.register_ada().await;
     let wrong = f
         .auth
         .login(
@@ -227,16 +233,7 @@ async fn login_checks_the_password_and_audits_both_outcomes() {
 #[tokio::test]
 async fn refresh_rotates_and_a_second_use_revokes_the_whole_session() {
     let f = fixture();
-    let (first, _) = f
-        .auth
-        .register(
-            &client("192.0.2.1"),
-            "ada@example.com",
-            PASSWORD.into(),
-            None,
-        )
-        .await
-        .expect("register");
+    let first = f.register_ada().await;
     let (second, _) = f
         .auth
         .refresh(&client("192.0.2.1"), &first.refresh_token)
@@ -281,16 +278,7 @@ async fn refresh_rotates_and_a_second_use_revokes_the_whole_session() {
 #[tokio::test]
 async fn a_reuse_window_refuses_a_retried_refresh_but_keeps_the_session() {
     let f = fixture_with(|c| c.auth.refresh_reuse_window = Duration::from_secs(30));
-    let (first, _) = f
-        .auth
-        .register(
-            &client("192.0.2.1"),
-            "ada@example.com",
-            PASSWORD.into(),
-            None,
-        )
-        .await
-        .expect("register");
+    let first = f.register_ada().await;
     let (second, _) = f
         .auth
         .refresh(&client("192.0.2.1"), &first.refresh_token)
@@ -314,16 +302,7 @@ async fn a_reuse_window_refuses_a_retried_refresh_but_keeps_the_session() {
 #[tokio::test]
 async fn a_password_reset_sets_the_password_ends_every_session_and_is_single_use() {
     let f = fixture();
-    let (pair, _) = f
-        .auth
-        .register(
-            &client("192.0.2.1"),
-            "ada@example.com",
-            PASSWORD.into(),
-            None,
-        )
-        .await
-        .expect("register");
+    let pair = f.register_ada().await;
     f.auth
         .request_password_reset(&client("192.0.2.1"), "Ada@example.com")
         .await

@@ -341,15 +341,6 @@ impl Billing {
         }
     }
 
-    /// The limits jobs check and the period they count in.
-    pub async fn allowance(&self, user_id: &str) -> crate::jobs::plan::Allowance {
-        let e = self.entitlement(user_id).await;
-        crate::jobs::plan::Allowance {
-            limits: e.limits,
-            period_start: e.period_start,
-        }
-    }
-
     /// Called inside the transaction that marks a billable job succeeded: on a metered
     /// plan this enqueues the usage report as a job, keyed by the job id, so the job is
     /// reported once if and only if it succeeded.
@@ -412,7 +403,13 @@ impl crate::jobs::plan::Metering for Billing {
         &'a self,
         user_id: &'a str,
     ) -> futures_util::future::BoxFuture<'a, crate::jobs::plan::Allowance> {
-        Box::pin(Billing::allowance(self, user_id))
+        Box::pin(async move {
+            let e = self.entitlement(user_id).await;
+            crate::jobs::plan::Allowance {
+                limits: e.limits,
+                period_start: e.period_start,
+            }
+        })
     }
 
     fn record_success_in(

@@ -834,7 +834,7 @@ fn gauge_values(
     queues
         .iter()
         .flat_map(|queue| {
-            q::STATUSES.iter().map(|status| {
+            JobStatus::ALL.iter().map(|status| {
                 let n = found
                     .get(&(queue.as_str(), status.as_str()))
                     .copied()

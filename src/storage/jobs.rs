@@ -25,9 +25,6 @@ pub struct NewJob<'a> {
     pub now: Millis,
 }
 
-/// Every status a job can have (the `status` column's values).
-pub const STATUSES: &[JobStatus] = JobStatus::ALL;
-
 /// Inserts a queued job. Use inside the same write as the change that caused it, so the
 /// job exists if and only if that change committed.
 pub fn insert_job(conn: &Connection, j: &NewJob<'_>) -> Result<(), StorageError> {
@@ -1098,7 +1095,7 @@ mod tests {
     #[test]
     fn the_active_counter_follows_every_insert_status_change_and_delete() {
         let c = db_with_user();
-        let statuses = STATUSES;
+        let statuses = JobStatus::ALL;
         // A deterministic walk over many transitions, checked after every step.
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for step in 0..400_i64 {
@@ -1260,7 +1257,7 @@ mod tests {
         for i in 0..40i64 {
             let t = 1_700_000_000_000 + i;
             job_at(&c, t);
-            let status = STATUSES[(i % 6) as usize];
+            let status = JobStatus::ALL[(i % 6) as usize];
             let queue = if (i / 6) % 2 == 0 { "fast" } else { "slow" };
             c.execute(
                 "UPDATE jobs SET status = ?1, queue = ?2,
@@ -1454,7 +1451,7 @@ mod tests {
     #[test]
     fn the_jobs_rebuild_keeps_every_job_and_its_attempt_history() {
         let mut c = db_before("0006_jobs_hot_path");
-        for (i, status) in STATUSES.iter().enumerate() {
+        for (i, status) in JobStatus::ALL.iter().enumerate() {
             let t = 1_700_000_000_000 + i as i64;
             job_at(&c, t);
             c.execute(
@@ -1532,7 +1529,7 @@ mod tests {
                 })
                 .expect("id");
             let queue = ["fast", "slow"][(next() % 2) as usize];
-            let status = STATUSES[(next() % STATUSES.len() as u64) as usize];
+            let status = JobStatus::ALL[(next() % JobStatus::ALL.len() as u64) as usize];
             let priority = (next() % 7) as i64 - 3;
             let run_at = 1_800_000_000_000 + (next() % 1_000_000) as i64;
             c.execute(
